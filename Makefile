@@ -1,0 +1,42 @@
+# `make test` and `make demo` set everything up on a fresh machine: .venv, pinned dependencies, the package.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test test-fast lint format typecheck clean lock
+
+install: $(STAMP)
+
+# Reinstall whenever the dependency list or the pins change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check vpit tests
+	$(BIN)/ruff format --check vpit tests
+
+format: install
+	$(BIN)/ruff check --fix vpit tests
+	$(BIN)/ruff format vpit tests
+
+typecheck: install
+	$(BIN)/mypy
+
+# Lint and types first: a red tree fails in seconds, before the suite runs.
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+# The suite without the slow and multi-process tests, for the edit-run loop.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not multiprocess"
+
+# Regenerate the exact pins from the current environment (after changing pyproject.toml).
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v "^vpit" > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,210 @@
+"""VPiT configuration: a composite `PreTrainedConfig` (LLM config + vision-encoder spec).
+
+Glossary of dimension letters used across vpit:
+    B  batch size                 T  sequence length
+    H  LLM hidden size            Dv vision-encoder feature size
+    N  patch tokens per image     K  visual tokens per image (pooled, a square: k x k)
+    I  images in a batch          V  vocabulary size
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import field
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+VISION_BACKENDS = ("open_clip", "hf")
+POOLING_MODES = ("bilinear", "avg")
+VISUAL_HEADS = ("linear", "mlp")
+_MLP_BRIDGE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+def parse_bridge(bridge: str) -> int:
+    """Number of Linear layers in a bridge spec: `linear` -> 1, `mlpNx_gelu` -> N.
+
+    Raises:
+        ValueError: for anything else, naming the accepted forms.
+    """
+    if bridge == "linear":
+        return 1
+    match = _MLP_BRIDGE.match(bridge)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(
+            f"bridge must be 'linear' or 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu'), got {bridge!r}"
+        )
+    return int(match.group(1))
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+class VPiTVisionConfig(PreTrainedConfig):
+    """Which frozen vision encoder produces the visual tokens, and which of its layers.
+
+    The architecture is recorded in `model_config` once resolved (see `vpit.vision.resolve_vision_config`), so
+    a saved VPiT folder rebuilds its encoder without the open_clip registry, the Hub, or a custom config file.
+    """
+
+    model_type: ClassVar[str] = "vpit_vision"
+
+    backend: str = field(
+        default="open_clip",
+        metadata={"help": "Library that builds the encoder: 'open_clip' (any open_clip model) or 'hf' (transformers)."},
+    )
+    model_name: str = field(
+        default="ViT-SO400M-14-SigLIP-384",
+        metadata={
+            "help": "open_clip: a registry name, 'hf-hub:org/repo' or 'local-dir:/path'; "
+            "hf: a Hub id or local folder of a SiglipVisionModel / CLIPVisionModel (or the full CLIP/SigLIP model)."
+        },
+    )
+    pretrained: str | None = field(
+        default=None,
+        metadata={"help": "open_clip only: pretrained tag (e.g. 'webli') or local weights file, read at assembly."},
+    )
+    feature_layer: int = field(
+        default=-1,
+        metadata={
+            "help": "Transformer block whose output gives the patch tokens; -1 is the last block, before the final "
+            "norm (MetaMorph), -2 the one before it (LLaVA)."
+        },
+    )
+    model_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Resolved architecture: open_clip model_cfg, or the transformers vision config as a dict."},
+    )
+    preprocess_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Resolved image transform (open_clip PreprocessCfg fields: size, mean, std, ...)."},
+    )
+    hidden_size: int | None = field(default=None, metadata={"help": "Dv, the patch-token width; resolved."})
+    grid_size: int | None = field(default=None, metadata={"help": "Patches per side of the token grid; resolved."})
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _one_of("vision_config.backend", self.backend, VISION_BACKENDS)
+        if not self.model_name:
+            raise ValueError("vision_config.model_name must name an encoder, e.g. 'ViT-SO400M-14-SigLIP-384'")
+        if self.feature_layer == 0:
+            raise ValueError(
+                "vision_config.feature_layer indexes transformer blocks (-1 = last); 0 would be the patch "
+                "embedding, which carries no context. Use a negative index or a block number >= 1."
+            )
+        if self.pretrained is not None and self.backend == "hf":
+            raise ValueError(
+                "vision_config.pretrained is an open_clip tag; for backend 'hf' put the weights' Hub id or folder "
+                f"in model_name instead (got pretrained={self.pretrained!r})"
+            )
+
+
+class VPiTConfig(PreTrainedConfig):
+    """Configuration of a VPiT model: a causal LLM, a frozen vision encoder, a bridge and a visual head.
+
+    Example:
+        >>> from vpit import VPiTConfig
+        >>> config = VPiTConfig(text_config={"model_type": "llama", "hidden_size": 64}, num_visual_tokens=16)
+        >>> config.num_visual_tokens
+        16
+    """
+
+    model_type: ClassVar[str] = "vpit"
+    sub_configs_defaults: ClassVar[dict[str, Any]] = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": SubConfigSpec(config_class=VPiTVisionConfig),
+    }
+
+    text_config: dict | PreTrainedConfig | None = field(
+        default=None,
+        metadata={"help": "The LLM's config (a dict with model_type, a config object, or a Hub id / local path)."},
+    )
+    vision_config: dict | PreTrainedConfig | None = field(
+        default=None, metadata={"help": "The vision encoder spec, see VPiTVisionConfig."}
+    )
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Where the LLM weights came from; written into the model card."}
+    )
+    num_visual_tokens: int = field(
+        default=64, metadata={"help": "K, visual tokens per image after pooling the patch grid; a square number."}
+    )
+    pooling: str = field(
+        default="bilinear", metadata={"help": "How the patch grid is pooled to k x k: 'bilinear' or 'avg'."}
+    )
+    normalize_visual_tokens: bool = field(
+        default=True, metadata={"help": "L2-normalise each visual token (target and prediction) along Dv."}
+    )
+    bridge: str = field(
+        default="mlp2x_gelu",
+        metadata={"help": "Encoder -> LLM adapter: 'linear' or 'mlpNx_gelu' (N Linear layers with GELU between)."},
+    )
+    visual_head: str = field(
+        default="mlp",
+        metadata={"help": "LLM -> visual token head: 'linear' (H->Dv) or 'mlp' (Linear(H,H)-GELU-Linear(H,Dv))."},
+    )
+    visual_loss_weight: float = field(
+        default=1.0, metadata={"help": "lambda in loss = text CE + lambda * mean(1 - cos) over response visual slots."}
+    )
+    image_start_token: str = field(default="<image_start>", metadata={"help": "Token opening an image span."})
+    image_end_token: str = field(default="<image_end>", metadata={"help": "Token closing an image span."})
+    image_token: str = field(
+        default="<image>", metadata={"help": "Placeholder token of one visual slot; also the image marker in text."}
+    )
+    image_start_token_id: int | None = field(
+        default=None, metadata={"help": "Looked up from the tokenizer at assembly; never set by hand."}
+    )
+    image_end_token_id: int | None = field(default=None, metadata={"help": "Looked up from the tokenizer."})
+    image_token_id: int | None = field(default=None, metadata={"help": "Looked up from the tokenizer."})
+    initializer_range: float = field(default=0.02, metadata={"help": "Std of the bridge and head initialisation."})
+    tie_word_embeddings: bool = field(
+        default=False, metadata={"help": "Mirrors the LLM's own setting; read from text_config."}
+    )
+
+    def __post_init__(self, **kwargs):
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        if isinstance(self.text_config, str):
+            # A Hub id or local folder: read its config (no weights) so the composite is self-describing.
+            self.text_model_name_or_path = self.text_model_name_or_path or self.text_config
+            self.text_config = AutoConfig.from_pretrained(self.text_config, trust_remote_code=trust_remote_code)
+        if isinstance(self.text_config, PreTrainedConfig) and "attn_implementation" not in kwargs:
+            # The base class sets the backend on every sub-config; keep the one the LLM was loaded with.
+            kwargs["attn_implementation"] = self.text_config._attn_implementation
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self._check()
+
+    def _check(self) -> None:
+        side = math.isqrt(self.num_visual_tokens) if self.num_visual_tokens > 0 else 0
+        if side * side != self.num_visual_tokens or side == 0:
+            nearest = max(1, round(math.sqrt(max(self.num_visual_tokens, 1)))) ** 2
+            raise ValueError(
+                f"num_visual_tokens must be a square number (the pooled grid is k x k), got "
+                f"{self.num_visual_tokens}; the nearest square is {nearest}"
+            )
+        _one_of("pooling", self.pooling, POOLING_MODES)
+        parse_bridge(self.bridge)
+        _one_of("visual_head", self.visual_head, VISUAL_HEADS)
+        if not (self.visual_loss_weight >= 0 and math.isfinite(self.visual_loss_weight)):
+            raise ValueError(f"visual_loss_weight must be a finite number >= 0, got {self.visual_loss_weight}")
+        tokens = [self.image_start_token, self.image_end_token, self.image_token]
+        if any(not t or t.strip() != t for t in tokens) or len(set(tokens)) != 3:
+            raise ValueError(
+                "image_start_token, image_end_token and image_token must be three distinct non-empty strings "
+                f"without surrounding whitespace, got {tokens}"
+            )
+        if getattr(self.text_config, "hidden_size", None) is None:
+            raise ValueError(
+                f"text_config ({type(self.text_config).__name__}) has no hidden_size; VPiT needs a causal LLM config"
+            )
+
+    @property
+    def visual_grid_size(self) -> int:
+        """k, the side of the pooled k x k visual-token grid."""
+        return math.isqrt(self.num_visual_tokens)
+
+
+__all__ = ["VPiTConfig", "VPiTVisionConfig", "parse_bridge"]

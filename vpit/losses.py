@@ -1,0 +1,41 @@
+"""VPiT losses: next-token cross-entropy on response text, cosine distance on response visual slots.
+
+Both return a sum over valid items divided by their count, so an empty selection gives an exact 0 (never NaN)
+that still carries a graph through the module that produced the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def text_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Shifted CE: logits (B, T, V) at position t predict labels (B, T) at t + 1; -100 is ignored.
+
+    Args:
+        num_items_in_batch: the count to divide by when gradients are accumulated over several micro-batches
+            (the number of labelled tokens in the whole accumulated batch); defaults to this batch's count.
+    """
+    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].flatten().to(shift_logits.device)  # (B*(T-1),)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch.clamp(min=1)
+    return total / max(int(num_items_in_batch), 1)
+
+
+def cosine_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos(pred, target)) over rows; predictions and targets are (M, Dv). M = 0 gives exactly 0."""
+    cos = F.cosine_similarity(predictions.float(), targets.float(), dim=-1)  # (M,)
+    return (1.0 - cos).sum() / max(cos.shape[0], 1)
+
+
+__all__ = ["IGNORE_INDEX", "cosine_loss", "text_loss"]

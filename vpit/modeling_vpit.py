@@ -1,0 +1,367 @@
+"""VPiTForCausalLM: a pretrained causal LLM that reads and predicts continuous visual tokens (MetaMorph, VPiT).
+
+    image -> VisionEncoder (frozen) -> z (I, K, Dv) --bridge--> (I, K, H) spliced at the <image> slots
+    text  -> embeddings (B, T, H) ----------------------------------^
+                                  LLM -> h (B, T, H) -> LM head -> text CE on labelled tokens
+                                                     -> visual head -> normalise -> cosine loss on response slots
+
+Dimension letters: see `vpit.configuration_vpit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .bridge import build_bridge
+from .configuration_vpit import VPiTConfig
+from .losses import IGNORE_INDEX, cosine_loss, text_loss
+from .vision import VisionEncoder
+from .visual_head import build_visual_head
+
+
+@dataclass
+class VPiTCausalLMOutput(ModelOutput):
+    """Output of `VPiTForCausalLM.forward`; every loss term is returned separately.
+
+    Args:
+        loss: text_loss + visual_loss_weight * visual_loss, when labels are given.
+        text_loss: next-token CE over labelled tokens (response text and image boundary tokens).
+        visual_loss: mean(1 - cos) over response visual slots; exactly 0 when the batch has none.
+        logits: (B, T, V).
+        visual_predictions: (M, Dv) head outputs (normalised if configured) for the M response slots.
+        visual_targets: (M, Dv) the encoder tokens they were trained towards.
+        past_key_values / hidden_states / attentions: as returned by the LLM.
+    """
+
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    visual_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    visual_predictions: torch.Tensor | None = None
+    visual_targets: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class VPiTPreTrainedModel(PreTrainedModel):
+    config: VPiTConfig
+    config_class = VPiTConfig
+    base_model_prefix = "vpit"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The LLM (a PreTrainedModel) and an HF vision tower are initialised by their own `_init_weights`; an
+        # open_clip tower initialises itself when built. Only the bridge and visual head are ours to initialise.
+        if module is getattr(self, "bridge", None) or module is getattr(self, "visual_head", None):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    init.normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
+                    init.zeros_(layer.bias)
+
+
+class VPiTForCausalLM(VPiTPreTrainedModel):
+    """A causal LLM + frozen vision encoder + bridge + visual head, trained with text CE and a cosine loss.
+
+    Build one from pretrained parts with `vpit.assemble(...)`; reload a saved one with `from_pretrained(folder)`.
+
+    Example:
+        >>> model, processor = vpit.assemble("meta-llama/Llama-3.1-8B-Instruct", "ViT-SO400M-14-SigLIP-384",
+        ...                                  vision_pretrained="webli")
+        >>> batch = processor(text=["<image> Describe the image."], images=[img], return_tensors="pt")
+        >>> out = model(**batch, labels=batch["input_ids"])
+        >>> out.loss, out.text_loss, out.visual_loss
+    """
+
+    def __init__(
+        self,
+        config: VPiTConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_tower: nn.Module | None = None,
+    ):
+        super().__init__(config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.vision_tower = VisionEncoder(
+            config.vision_config,
+            config.num_visual_tokens,
+            pooling=config.pooling,
+            normalize=config.normalize_visual_tokens,
+            tower=vision_tower,
+        )
+        hidden, vision = config.text_config.hidden_size, self.vision_tower.hidden_size
+        self.bridge = build_bridge(config.bridge, vision, hidden)
+        self.visual_head = build_visual_head(config.visual_head, hidden, vision)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):  # type: ignore[override]
+        """`PreTrainedModel.from_pretrained`, then re-freeze the encoder (loading swaps in fresh Parameters,
+        which would otherwise come back with requires_grad=True)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.vision_tower.freeze()
+        return model
+
+    # ------------------------------------------------------------------------------------------- accessors
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def _token_ids(self) -> tuple[int, int, int]:
+        ids = (self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id)
+        if any(i is None for i in ids):
+            raise ValueError(
+                "config.image_*_token_id are not set: the tokenizer's image tokens were never looked up. "
+                "Build the model with vpit.assemble(...) or call model.add_image_tokens(tokenizer)."
+            )
+        return ids  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------- tokenizer
+
+    @torch.no_grad()
+    def add_image_tokens(self, tokenizer) -> list[int]:
+        """Add the image start/end/placeholder tokens to `tokenizer`, grow the embedding and LM-head matrices,
+        start every new row at the mean of the existing rows, and record the looked-up ids in the config.
+
+        Returns the ids of the newly added tokens (empty if the tokenizer already had them and the matrices fit).
+        """
+        specials = [self.config.image_start_token, self.config.image_end_token, self.config.image_token]
+        tokenizer.add_tokens(specials, special_tokens=True)
+        old_rows = self.get_input_embeddings().weight.shape[0]
+        new_rows = len(tokenizer)
+        if new_rows > old_rows:
+            self.language_model.resize_token_embeddings(new_rows, mean_resizing=False)
+            for matrix in {id(m): m for m in (self.get_input_embeddings(), self.get_output_embeddings())}.values():
+                if matrix is None:
+                    continue
+                weight = matrix.weight  # (V, H) for both the embedding and the LM head
+                weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
+                bias = getattr(matrix, "bias", None)
+                if bias is not None:
+                    bias[old_rows:] = bias[:old_rows].float().mean().to(bias.dtype)
+        self.config.text_config.vocab_size = self.get_input_embeddings().weight.shape[0]
+        start, end, slot = tokenizer.convert_tokens_to_ids(specials)
+        self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id = start, end, slot
+        return [i for i in (start, end, slot) if i >= old_rows]
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(I, 3, S, S) -> (I, K, Dv): the frozen encoder's pooled (normalised) tokens; no gradient."""
+        return self.vision_tower(pixel_values)
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with bridge(z) spliced into the image slots.
+
+        Args:
+            input_ids: (B, T) with K `image_token_id` slots per image, images in row-major order.
+            pixel_values: (I, 3, S, S), or
+            visual_tokens: (I, K, Dv) already encoded (e.g. predicted tokens fed back at generation time).
+
+        Returns:
+            inputs_embeds (B, T, H) and the visual tokens z (I, K, Dv) (None when there are no images).
+
+        Raises:
+            ValueError: when the number of slots is not I * K.
+        """
+        _, _, slot_id = self._token_ids()
+        embed_tokens = self.get_input_embeddings()
+        inputs_embeds = embed_tokens(input_ids)  # (B, T, H)
+        slot_mask = input_ids == slot_id  # (B, T)
+        if visual_tokens is None and pixel_values is not None:
+            visual_tokens = self.encode_images(pixel_values)
+        num_images = 0 if visual_tokens is None else visual_tokens.shape[0]
+        num_slots = int(slot_mask.sum())
+        k = self.config.num_visual_tokens
+        if num_slots != num_images * k:
+            raise ValueError(
+                f"input_ids hold {num_slots} image slots ({self.config.image_token!r}) but {num_images} image(s) x "
+                f"K={k} = {num_images * k} visual tokens were given; every image needs exactly K slots "
+                "(VPiTProcessor expands each <image> marker into them)"
+            )
+        if visual_tokens is not None and num_images > 0:
+            bridged = self.bridge(visual_tokens.to(inputs_embeds.dtype))  # (I, K, H)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                slot_mask.unsqueeze(-1).expand_as(inputs_embeds), bridged.to(inputs_embeds.dtype)
+            )
+        elif self.training:
+            # Every rank runs the encoder and the bridge every step, even on a text-only batch, so that
+            # DDP / ZeRO-3 see the same modules used on all ranks (no hang, no unused-parameter error).
+            size = self.vision_tower.image_size
+            dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, *size))
+            bridged = self.bridge(dummy.to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds + 0.0 * bridged.sum().to(inputs_embeds.dtype)
+        return inputs_embeds, visual_tokens
+
+    def response_slot_mask(self, input_ids: torch.LongTensor, labels: torch.LongTensor) -> torch.Tensor:
+        """(B, T) bool: the image slots whose image belongs to a response, i.e. whose `<image_start>` is labelled.
+
+        Prompt images have their boundary tokens masked (-100); response images keep them as CE targets.
+        """
+        start_id, _, slot_id = self._token_ids()
+        batch, length = input_ids.shape
+        is_start = input_ids == start_id
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        # Position of the latest <image_start> at or before each t (-1 if none): a running max.
+        last_start = torch.where(is_start, positions, -1).cummax(dim=1).values  # (B, T)
+        start_labelled = is_start & (labels != IGNORE_INDEX)
+        in_response = start_labelled.gather(1, last_start.clamp(min=0)) & (last_start >= 0)
+        return (input_ids == slot_id) & in_response
+
+    def predict_visual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(.., H) -> (.., Dv): the visual head, normalised when the targets are."""
+        pred = self.visual_head(hidden_states)
+        return F.normalize(pred, dim=-1) if self.config.normalize_visual_tokens else pred
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        visual_target_mask: torch.Tensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> VPiTCausalLMOutput:
+        """Run the LLM on text with spliced visual tokens and, given labels, compute the VPiT loss.
+
+        Args:
+            input_ids: (B, T), with K image slots per image (see `VPiTProcessor`).
+            pixel_values: (I, 3, S, S) images in the order their slots appear (row-major over the batch).
+            labels: (B, T) token ids to predict, -100 where ignored; image slots must be -100.
+            visual_target_mask: (B, T) bool, the slots whose encoder token is a target; by default the slots of
+                images whose `<image_start>` is labelled (response images).
+            visual_tokens: (I, K, Dv) to splice instead of encoding `pixel_values`.
+            num_items_in_batch: labelled-token count of the whole accumulated batch, for gradient accumulation.
+
+        Returns:
+            `VPiTCausalLMOutput` with `loss`, `text_loss`, `visual_loss`, `logits` and the visual predictions.
+        """
+        z = None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds, z = self.embed(input_ids, pixel_values=pixel_values, visual_tokens=visual_tokens)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=True,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = outputs.logits  # (B, T, V)
+        hidden = outputs.hidden_states[-1]  # (B, T, H), after the final norm: the LM head's input
+
+        loss = t_loss = v_loss = predictions = targets = None
+        if labels is not None:
+            if input_ids is None:
+                raise ValueError("computing the VPiT loss needs input_ids to locate image slots")
+            _, _, slot_id = self._token_ids()
+            slot_mask = input_ids == slot_id  # (B, T)
+            if bool((labels[slot_mask] != IGNORE_INDEX).any()):
+                raise ValueError(
+                    "labels must be -100 at image slots (visual tokens are trained by the cosine loss, not CE)"
+                )
+            if visual_target_mask is None:
+                visual_target_mask = self.response_slot_mask(input_ids, labels)
+            elif bool((visual_target_mask & ~slot_mask).any()):
+                raise ValueError("visual_target_mask marks positions that are not image slots")
+            t_loss = text_loss(logits, labels, num_items_in_batch)
+            # Next-token shift: the hidden state at t - 1 predicts the visual token at slot t.
+            predictions = self.predict_visual(hidden[:, :-1][visual_target_mask[:, 1:]])  # (M, Dv)
+            if z is None:
+                targets = predictions.new_zeros(0, predictions.shape[-1])
+            else:
+                targets = z.reshape(-1, z.shape[-1])[visual_target_mask[slot_mask]].detach()  # (M, Dv)
+            v_loss = cosine_loss(predictions, targets)
+            loss = t_loss + self.config.visual_loss_weight * v_loss
+
+        return VPiTCausalLMOutput(
+            loss=loss,
+            text_loss=t_loss,
+            visual_loss=v_loss,
+            logits=logits,
+            visual_predictions=predictions,
+            visual_targets=targets,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    # ---------------------------------------------------------------------------------------- export / hub
+
+    def save_language_model(self, save_directory: str | Path, tokenizer=None, **kwargs) -> None:
+        """Write the LLM alone (with the grown vocabulary) as a plain transformers causal-LM folder, loadable
+        with `AutoModelForCausalLM.from_pretrained` without vpit installed."""
+        self.language_model.save_pretrained(save_directory, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        processor=None,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload VPiT model",
+        **card_kwargs,
+    ) -> str:
+        """Save to a temporary folder with a generated model card and upload it. Returns the commit URL.
+
+        `token` is passed to huggingface_hub only; it is never written to disk or logged.
+        """
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            if processor is not None:
+                processor.save_pretrained(folder)
+            return push_folder(
+                folder, repo_id, token=token, private=private, commit_message=commit_message, **card_kwargs
+            )
+
+
+__all__ = ["VPiTCausalLMOutput", "VPiTForCausalLM", "VPiTPreTrainedModel"]

@@ -1,0 +1,222 @@
+"""VPiTProcessor: the tokenizer (with a chat template) + the encoder's image transform, saved as one folder.
+
+Text may carry `<image>` markers; each bare marker becomes `<image_start>` + K slot tokens + `<image_end>`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+
+from .configuration_vpit import VPiTConfig
+from .vision import build_image_transform
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+
+# Used when the LLM's tokenizer has no chat template (base models). `{% generation %}` marks the assistant
+# tokens so that `return_assistant_tokens_mask=True` gives the exact response mask.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+
+
+class VPiTProcessor:
+    """Tokenizer + image transform for a VPiT model.
+
+    Args:
+        tokenizer: the LLM's tokenizer, already holding the image tokens (see `VPiTForCausalLM.add_image_tokens`).
+        preprocess_config: the encoder's open_clip PreprocessCfg fields (size, mean, std, interpolation, ...).
+        num_visual_tokens: K, slots per image.
+        image_start_token / image_end_token / image_token: the span strings (the image marker is image_token).
+
+    Example:
+        >>> batch = processor(text=["<image> What colour is the shape?"], images=[pil_image])
+        >>> batch["input_ids"].shape, batch["pixel_values"].shape
+        (torch.Size([1, T]), torch.Size([1, 3, S, S]))
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        preprocess_config: dict[str, Any],
+        num_visual_tokens: int,
+        image_start_token: str = "<image_start>",
+        image_end_token: str = "<image_end>",
+        image_token: str = "<image>",
+    ):
+        self.tokenizer = tokenizer
+        self.preprocess_config = dict(preprocess_config)
+        self.num_visual_tokens = num_visual_tokens
+        self.image_start_token = image_start_token
+        self.image_end_token = image_end_token
+        self.image_token = image_token
+        self.image_transform = build_image_transform(self.preprocess_config)
+        missing = [t for t in (image_start_token, image_end_token, image_token) if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"tokenizer lacks the image tokens {missing}; build with vpit.assemble(...) or call "
+                "model.add_image_tokens(tokenizer) first"
+            )
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        start, end, slot = map(re.escape, (image_start_token, image_end_token, image_token))
+        # Already-expanded spans are kept as they are; bare markers outside them are expanded.
+        self._span_or_marker = re.compile(f"({start}(?:{slot})*{end})|{slot}")
+
+    @classmethod
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, config: VPiTConfig) -> VPiTProcessor:
+        if config.vision_config.preprocess_config is None:
+            raise ValueError("config.vision_config.preprocess_config is not resolved (see resolve_vision_config)")
+        return cls(
+            tokenizer,
+            config.vision_config.preprocess_config,
+            config.num_visual_tokens,
+            config.image_start_token,
+            config.image_end_token,
+            config.image_token,
+        )
+
+    # ------------------------------------------------------------------------------------------- text
+
+    @property
+    def image_span(self) -> str:
+        return self.image_start_token + self.image_token * self.num_visual_tokens + self.image_end_token
+
+    def expand_image_markers(self, text: str) -> tuple[str, int]:
+        """Expand bare `<image>` markers into full spans. Returns the text and its number of images.
+
+        Raises:
+            ValueError: if an existing span holds a number of slots other than K.
+        """
+        count = 0
+
+        def replace(match: re.Match) -> str:
+            nonlocal count
+            count += 1
+            span = match.group(1)
+            if span is None:
+                return self.image_span
+            slots = span.count(self.image_token)
+            if slots != self.num_visual_tokens:
+                raise ValueError(f"an image span holds {slots} slots, expected K={self.num_visual_tokens}")
+            return span
+
+        return self._span_or_marker.sub(replace, text), count
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """The tokenizer's own chat template (text by default)."""
+        kwargs.setdefault("tokenize", False)
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- images
+
+    def preprocess_images(self, images: list[Image.Image | str | Path]) -> torch.Tensor:
+        """PIL images or paths -> (I, 3, S, S), EXIF orientation applied, converted to RGB."""
+        tensors = []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                with Image.open(image) as opened:
+                    image = opened.copy()
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            tensors.append(self.image_transform(image))
+        return torch.stack(tensors)
+
+    # ------------------------------------------------------------------------------------------- call
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images: list[Image.Image | str | Path] | None = None,
+        return_tensors: str = "pt",
+        padding: bool | str = True,
+        **tokenizer_kwargs: Any,
+    ) -> BatchFeature:
+        """Tokenise `text` (markers expanded) and transform `images` (in the order their markers appear).
+
+        Returns a BatchFeature with input_ids, attention_mask and (when there are images) pixel_values.
+
+        Raises:
+            ValueError: when the number of markers differs from the number of images, or the tokenizer did not
+                keep every span whole (e.g. truncation cut through one).
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        images = list(images or [])
+        expanded, counts = zip(*(self.expand_image_markers(t) for t in texts))
+        if sum(counts) != len(images):
+            raise ValueError(
+                f"the text holds {sum(counts)} image marker(s) ({self.image_token!r}) per row {list(counts)} "
+                f"but {len(images)} image(s) were given"
+            )
+        encoding = self.tokenizer(list(expanded), return_tensors=return_tensors, padding=padding, **tokenizer_kwargs)
+        slot_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        slots = int((torch.as_tensor(encoding["input_ids"]) == slot_id).sum())
+        if slots != len(images) * self.num_visual_tokens:
+            raise ValueError(
+                f"tokenised text holds {slots} image slots, expected {len(images)} x {self.num_visual_tokens}; "
+                "was an image span truncated?"
+            )
+        data = dict(encoding)
+        if images:
+            data["pixel_values"] = self.preprocess_images(images)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # --------------------------------------------------------------------------------------- save/load
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor_class": type(self).__name__,
+            "preprocess_config": self.preprocess_config,
+            "num_visual_tokens": self.num_visual_tokens,
+            "image_start_token": self.image_start_token,
+            "image_end_token": self.image_end_token,
+            "image_token": self.image_token,
+        }
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the tokenizer (with its chat template) and processor_config.json into `save_directory`."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, trust_remote_code: bool = False, **hub_kwargs: Any
+    ) -> VPiTProcessor:
+        """Load from a local VPiT folder or a Hub repo id (`hub_kwargs` go to `hf_hub_download`)."""
+        folder = Path(name_or_path)
+        if folder.is_dir():
+            config_file = folder / PROCESSOR_CONFIG_NAME
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{folder} has no {PROCESSOR_CONFIG_NAME}; is it a VPiT folder?")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(str(name_or_path), PROCESSOR_CONFIG_NAME, **hub_kwargs))
+        config = json.loads(config_file.read_text())
+        config.pop("processor_class", None)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
+        return cls(tokenizer, **config)
+
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "VPiTProcessor"]
