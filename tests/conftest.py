@@ -93,3 +93,76 @@ def tiny_vpit(tiny_llama, tiny_clip):
     """A freshly assembled (model, processor) with K = 4 from the tiny Llama and tiny open_clip ViT."""
     torch.manual_seed(0)
     return vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=4)
+
+
+def build_hf_vision(folder: Path, kind: str) -> Path:
+    """Tiny transformers vision towers: 'siglip' / 'clip' (vision model only) or 'siglip-full' (text + vision)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel, SiglipVisionConfig
+    from transformers import SiglipVisionModel
+
+    torch.manual_seed(0)
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    if kind == "siglip":
+        SiglipVisionModel(SiglipVisionConfig(**common)).save_pretrained(folder)
+    elif kind == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**common, projection_dim=16)).save_pretrained(folder)
+    elif kind == "siglip-full":
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "vocab_size": 64, "max_position_embeddings": 16}
+        SiglipModel(SiglipConfig(text_config=text, vision_config=common)).save_pretrained(folder)
+    else:
+        raise ValueError(kind)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_vision(tmp_path_factory):
+    """kind -> folder, built once per session on first use."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_hf_vision(tmp_path_factory.mktemp(f"hf-{kind}"), kind)
+        return built[kind]
+
+    return get
+
+
+def encode_conversations(processor, conversations, images_per_row):
+    """Tokenise chat conversations with the tokenizer's template: labels on assistant tokens, -100 on prompts,
+    image slots and padding; right-padded; images in row-major order."""
+    from PIL import Image
+
+    rows, labels = [], []
+    slot_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    for messages in conversations:
+        expanded = [{**m, "content": processor.expand_image_markers(m["content"])[0]} for m in messages]
+        enc = processor.tokenizer.apply_chat_template(
+            expanded, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = torch.tensor(enc["input_ids"])
+        mask = torch.tensor(enc["assistant_masks"]).bool()
+        rows.append(ids)
+        labels.append(torch.where(mask & (ids != slot_id), ids, -100))
+    length = max(len(r) for r in rows)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), length), pad)
+    label_ids = torch.full((len(rows), length), -100)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(r)], label_ids[i, : len(r)], attention[i, : len(r)] = r, lab, 1
+    images = [img for row in images_per_row for img in row]
+    colours = [(220, 40, 40), (40, 80, 220), (40, 170, 60), (230, 200, 40)]
+    pil = [Image.new("RGB", (32, 32), colours[i % 4]) if img is None else img for i, img in enumerate(images)]
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+    if pil:
+        batch["pixel_values"] = processor.preprocess_images(pil)
+    return batch
+
+
+UNDERSTANDING = [{"role": "user", "content": "<image> What colour is the shape?"},
+                 {"role": "assistant", "content": "red"}]
+GENERATION = [{"role": "user", "content": "Generate an image of a small red circle on the left."},
+              {"role": "assistant", "content": "Here is an image based on your request: <image>"}]
+TEXT_ONLY = [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a circle"}]

@@ -20,17 +20,18 @@ from .vision import build_image_transform
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 # Used when the LLM's tokenizer has no chat template (base models). `{% generation %}` marks the assistant
-# tokens so that `return_assistant_tokens_mask=True` gives the exact response mask.
+# tokens so that `return_assistant_tokens_mask=True` gives the exact response mask; the space after "ASSISTANT:"
+# sits inside the response so that byte-level BPE tokenises a reply the same in training and at generation time.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT:"
+    "{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 

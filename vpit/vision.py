@@ -95,7 +95,8 @@ def _build_tower(config: VPiTVisionConfig) -> nn.Module:
     if config.backend == "open_clip":
         cfg = config.model_config
         tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
-        open_clip.factory.set_model_preprocess_cfg(tower, dict(config.preprocess_config or {}))
+        preprocess = merge_preprocess_dict(asdict(PreprocessCfg()), config.preprocess_config or {})
+        open_clip.factory.set_model_preprocess_cfg(tower, preprocess)
         return tower
     hf_config = AutoConfig.for_model(**copy.deepcopy(config.model_config))
     return AutoModel.from_config(hf_config)

@@ -1,0 +1,131 @@
+"""Model card contents and uploads, with huggingface_hub's HfApi replaced by a recorder (no network)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import HfApi
+
+from vpit.cli import main
+from vpit.hub import build_model_card, push_folder
+
+SECRET = "hf_secretTOKENthatMustNeverBeWritten"
+
+
+class RecordingApi:
+    """Stands in for HfApi: records the calls and a snapshot of the uploaded folder."""
+
+    calls: list = []
+
+    def __init__(self, token=None, **_):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        RecordingApi.calls.append(("create_repo", repo_id, private, exist_ok, repo_type, self.token))
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
+        RecordingApi.calls.append(("upload_folder", repo_id, commit_message, files))
+
+        class Commit:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
+
+        return Commit()
+
+
+@pytest.fixture()
+def api(monkeypatch):
+    RecordingApi.calls = []
+    monkeypatch.setattr("vpit.hub.HfApi", RecordingApi)
+    monkeypatch.setattr(HfApi, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+    return RecordingApi
+
+
+@pytest.fixture()
+def folder(tiny_vpit, tmp_path):
+    model, processor = tiny_vpit
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _metadata(card_text):
+    return yaml.safe_load(card_text.split("---")[1])
+
+
+def test_model_card_metadata_and_usage(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["text_model_name_or_path"] = "meta-llama/Llama-3.1-8B-Instruct"
+    config["vision_config"].update(model_name="ViT-SO400M-14-SigLIP-384", pretrained="webli")
+    (folder / "config.json").write_text(json.dumps(config))
+    card = build_model_card(folder, "me/vpit-tiny", license="apache-2.0", datasets=["liuhaotian/LLaVA-Instruct-150K"],
+                            metrics={"text_loss": 1.25}, training_config={"lr": 1e-4})
+    meta = _metadata(str(card))
+    assert meta["library_name"] == "vpit"
+    assert meta["base_model"] == ["meta-llama/Llama-3.1-8B-Instruct", "timm/ViT-SO400M-14-SigLIP-384"]
+    assert meta["license"] == "apache-2.0"
+    assert meta["datasets"] == ["liuhaotian/LLaVA-Instruct-150K"]
+    assert {"vpit", "metamorph", "multimodal", "image-generation"} <= set(meta["tags"])
+    assert meta["pipeline_tag"] == "any-to-any"
+    text = str(card)
+    assert 'VPiTForCausalLM.from_pretrained("me/vpit-tiny")' in text
+    assert "| visual tokens per image (K) | 4 (bilinear pooling" in text
+    assert "| text_loss | 1.25 |" in text and '"lr": 0.0001' in text
+
+
+def test_local_paths_are_not_listed_as_base_models(folder):
+    meta = _metadata(str(build_model_card(folder, "me/vpit-tiny")))
+    assert "base_model" not in meta  # the tiny models live in temporary folders, not on the Hub
+
+
+def test_push_folder_uploads_with_card_and_never_writes_the_token(folder, api):
+    url = push_folder(folder, "me/vpit-tiny", token=SECRET, private=True, license="mit")
+    assert url == "https://huggingface.co/me/vpit-tiny/commit/abc123"
+    create, upload = api.calls
+    assert create == ("create_repo", "me/vpit-tiny", True, True, "model", SECRET)
+    files = upload[3]
+    assert {"README.md", "config.json", "model.safetensors", "processor_config.json"} <= set(files)
+    assert _metadata(files["README.md"].decode())["license"] == "mit"
+    for name, content in files.items():
+        assert SECRET.encode() not in content, name
+    for path in folder.rglob("*"):
+        assert path.is_dir() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_existing_readme_is_kept(folder, api):
+    (folder / "README.md").write_text("my own card")
+    push_folder(folder, "me/vpit-tiny")
+    assert api.calls[-1][3]["README.md"] == b"my own card"
+
+
+def test_push_folder_needs_a_saved_model(tmp_path, api):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        push_folder(tmp_path, "me/x")
+    assert api.calls == []
+
+
+def test_model_push_to_hub(tiny_vpit, api):
+    model, processor = tiny_vpit
+    url = model.push_to_hub("me/vpit-tiny", processor=processor, token=SECRET, license="apache-2.0")
+    assert url.endswith("/commit/abc123")
+    files = api.calls[-1][3]
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(files)
+    assert all(SECRET.encode() not in content for content in files.values())
+
+
+def test_cli_push(folder, api, capsys):
+    assert main(["push", str(folder), "me/vpit-tiny", "--license", "apache-2.0", "--dataset", "a/b",
+                 "--tag", "toy"]) == 0
+    assert capsys.readouterr().out.strip() == "https://huggingface.co/me/vpit-tiny/commit/abc123"
+    meta = _metadata(api.calls[-1][3]["README.md"].decode())
+    assert meta["datasets"] == ["a/b"] and "toy" in meta["tags"]
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "vpit"
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert "push" in result.stdout and "Visual-Predictive" in result.stdout
