@@ -36,8 +36,12 @@ def build_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS * 4,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
@@ -52,10 +56,17 @@ def build_tiny_llama(folder: Path, tie: bool = False) -> Path:
     torch.manual_seed(0)
     tokenizer = build_tokenizer(folder)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -65,8 +76,10 @@ def build_tiny_open_clip(folder: Path) -> Path:
     """A tiny open_clip CLIP saved as a `local-dir:` folder (open_clip_config.json + safetensors)."""
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_cfg": TINY_OPEN_CLIP,
-           "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"}}
+    cfg = {
+        "model_cfg": TINY_OPEN_CLIP,
+        "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"},
+    }
     (folder / "open_clip_config.json").write_text(json.dumps(cfg))
     model = open_clip.model.CLIP(**TINY_OPEN_CLIP)
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
@@ -88,7 +101,7 @@ def tiny_clip(tmp_path_factory) -> Path:
     return build_tiny_open_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
-@pytest.fixture()
+@pytest.fixture
 def tiny_vpit(tiny_llama, tiny_clip):
     """A freshly assembled (model, processor) with K = 4 from the tiny Llama and tiny open_clip ViT."""
     torch.manual_seed(0)
@@ -97,19 +110,37 @@ def tiny_vpit(tiny_llama, tiny_clip):
 
 def build_hf_vision(folder: Path, kind: str) -> Path:
     """Tiny transformers vision towers: 'siglip' / 'clip' (vision model only) or 'siglip-full' (text + vision)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel, SiglipVisionConfig
-    from transformers import SiglipVisionModel
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipConfig,
+        SiglipModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     torch.manual_seed(0)
-    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "image_size": 32, "patch_size": 8}
+    common = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     if kind == "siglip":
         SiglipVisionModel(SiglipVisionConfig(**common)).save_pretrained(folder)
     elif kind == "clip":
         CLIPVisionModel(CLIPVisionConfig(**common, projection_dim=16)).save_pretrained(folder)
     elif kind == "siglip-full":
-        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "vocab_size": 64, "max_position_embeddings": 16}
+        text = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+        }
         SiglipModel(SiglipConfig(text_config=text, vision_config=common)).save_pretrained(folder)
     else:
         raise ValueError(kind)
@@ -150,7 +181,7 @@ def encode_conversations(processor, conversations, images_per_row):
     input_ids = torch.full((len(rows), length), pad)
     label_ids = torch.full((len(rows), length), -100)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
+    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
         input_ids[i, : len(r)], label_ids[i, : len(r)], attention[i, : len(r)] = r, lab, 1
     images = [img for row in images_per_row for img in row]
     colours = [(220, 40, 40), (40, 80, 220), (40, 170, 60), (230, 200, 40)]
@@ -161,8 +192,12 @@ def encode_conversations(processor, conversations, images_per_row):
     return batch
 
 
-UNDERSTANDING = [{"role": "user", "content": "<image> What colour is the shape?"},
-                 {"role": "assistant", "content": "red"}]
-GENERATION = [{"role": "user", "content": "Generate an image of a small red circle on the left."},
-              {"role": "assistant", "content": "Here is an image based on your request: <image>"}]
+UNDERSTANDING = [
+    {"role": "user", "content": "<image> What colour is the shape?"},
+    {"role": "assistant", "content": "red"},
+]
+GENERATION = [
+    {"role": "user", "content": "Generate an image of a small red circle on the left."},
+    {"role": "assistant", "content": "Here is an image based on your request: <image>"},
+]
 TEXT_ONLY = [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a circle"}]

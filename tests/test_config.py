@@ -8,8 +8,15 @@ from transformers import AutoConfig, LlamaConfig
 import vpit
 from vpit import VPiTConfig, VPiTVisionConfig
 
-TINY_TEXT = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 100}
+TINY_TEXT = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "vocab_size": 100,
+}
 
 
 def test_defaults_follow_the_published_recipe():
@@ -26,9 +33,10 @@ def test_defaults_follow_the_published_recipe():
 
 def test_every_field_has_help_text():
     import dataclasses
+    import inspect
 
     for cls in (VPiTConfig, VPiTVisionConfig):
-        own = [f for f in dataclasses.fields(cls) if f.name in cls.__dict__.get("__annotations__", {})]
+        own = [f for f in dataclasses.fields(cls) if f.name in inspect.get_annotations(cls)]
         assert own, cls
         for f in own:
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
@@ -73,8 +81,13 @@ def test_bridge_depth_parsing():
 
 
 def test_save_load_round_trip_and_auto_config(tmp_path):
-    config = VPiTConfig(text_config=TINY_TEXT, num_visual_tokens=16, pooling="avg", visual_loss_weight=0.5,
-                        vision_config={"model_name": "ViT-B-16", "feature_layer": -2})
+    config = VPiTConfig(
+        text_config=TINY_TEXT,
+        num_visual_tokens=16,
+        pooling="avg",
+        visual_loss_weight=0.5,
+        vision_config={"model_name": "ViT-B-16", "feature_layer": -2},
+    )
     config.save_pretrained(tmp_path)
     for loaded in (VPiTConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
         assert type(loaded) is VPiTConfig

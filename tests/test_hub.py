@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ SECRET = "hf_secretTOKENthatMustNeverBeWritten"
 class RecordingApi:
     """Stands in for HfApi: records the calls and a snapshot of the uploaded folder."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, token=None, **_):
         self.token = token
@@ -36,7 +37,7 @@ class RecordingApi:
         return Commit()
 
 
-@pytest.fixture()
+@pytest.fixture
 def api(monkeypatch):
     RecordingApi.calls = []
     monkeypatch.setattr("vpit.hub.HfApi", RecordingApi)
@@ -44,7 +45,7 @@ def api(monkeypatch):
     return RecordingApi
 
 
-@pytest.fixture()
+@pytest.fixture
 def folder(tiny_vpit, tmp_path):
     model, processor = tiny_vpit
     model.save_pretrained(tmp_path)
@@ -61,8 +62,14 @@ def test_model_card_metadata_and_usage(folder):
     config["text_model_name_or_path"] = "meta-llama/Llama-3.1-8B-Instruct"
     config["vision_config"].update(model_name="ViT-SO400M-14-SigLIP-384", pretrained="webli")
     (folder / "config.json").write_text(json.dumps(config))
-    card = build_model_card(folder, "me/vpit-tiny", license="apache-2.0", datasets=["liuhaotian/LLaVA-Instruct-150K"],
-                            metrics={"text_loss": 1.25}, training_config={"lr": 1e-4})
+    card = build_model_card(
+        folder,
+        "me/vpit-tiny",
+        license="apache-2.0",
+        datasets=["liuhaotian/LLaVA-Instruct-150K"],
+        metrics={"text_loss": 1.25},
+        training_config={"lr": 1e-4},
+    )
     meta = _metadata(str(card))
     assert meta["library_name"] == "vpit"
     assert meta["base_model"] == ["meta-llama/Llama-3.1-8B-Instruct", "timm/ViT-SO400M-14-SigLIP-384"]
@@ -102,7 +109,7 @@ def test_existing_readme_is_kept(folder, api):
 
 
 def test_push_folder_needs_a_saved_model(tmp_path, api):
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         push_folder(tmp_path, "me/x")
     assert api.calls == []
 
@@ -117,8 +124,9 @@ def test_model_push_to_hub(tiny_vpit, api):
 
 
 def test_cli_push(folder, api, capsys):
-    assert main(["push", str(folder), "me/vpit-tiny", "--license", "apache-2.0", "--dataset", "a/b",
-                 "--tag", "toy"]) == 0
+    assert (
+        main(["push", str(folder), "me/vpit-tiny", "--license", "apache-2.0", "--dataset", "a/b", "--tag", "toy"]) == 0
+    )
     assert capsys.readouterr().out.strip() == "https://huggingface.co/me/vpit-tiny/commit/abc123"
     meta = _metadata(api.calls[-1][3]["README.md"].decode())
     assert meta["datasets"] == ["a/b"] and "toy" in meta["tags"]

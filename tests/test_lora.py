@@ -8,7 +8,7 @@ from vpit import VPiTForCausalLM
 from vpit.lora import apply_lora, load_lora, lora_target_modules, merge_lora
 
 
-@pytest.fixture()
+@pytest.fixture
 def lora_setup(tiny_vpit, tmp_path):
     model, processor = tiny_vpit
     model.save_pretrained(tmp_path / "base")
@@ -32,7 +32,7 @@ def test_only_lora_bridge_head_and_image_rows_train(lora_setup):
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable
     for name in trainable:
-        assert ("lora_" in name or "modules_to_save" in name or "trainable_tokens" in name), name
+        assert "lora_" in name or "modules_to_save" in name or "trainable_tokens" in name, name
         assert "vision_tower" not in name
     assert any("bridge.modules_to_save" in n for n in trainable)
     assert any("visual_head.modules_to_save" in n for n in trainable)

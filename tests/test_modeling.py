@@ -15,8 +15,10 @@ def test_new_token_rows_start_at_the_mean(tiny_vpit, tiny_llama):
     ids = [model.config.image_start_token_id, model.config.image_end_token_id, model.config.image_token_id]
     assert sorted(ids) == [old, old + 1, old + 2]
     assert len(processor.tokenizer) == model.get_input_embeddings().weight.shape[0] == old + 3
-    for matrix, ref in ((model.get_input_embeddings(), original.get_input_embeddings()),
-                        (model.get_output_embeddings(), original.get_output_embeddings())):
+    for matrix, ref in (
+        (model.get_input_embeddings(), original.get_input_embeddings()),
+        (model.get_output_embeddings(), original.get_output_embeddings()),
+    ):
         assert torch.equal(matrix.weight[:old], ref.weight)
         expected = ref.weight.mean(dim=0).expand(3, -1)
         assert torch.allclose(matrix.weight[old:], expected, atol=1e-7)
@@ -174,8 +176,7 @@ def test_visual_tokens_can_be_fed_directly(tiny_vpit):
 def test_bf16_model(tiny_llama, tiny_clip):
     import vpit
 
-    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=4,
-                                     dtype=torch.bfloat16)
+    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=4, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = model(**encode_conversations(processor, [GENERATION], [[None]]))
     assert torch.isfinite(out.loss) and out.visual_loss > 0

@@ -9,7 +9,7 @@ from vpit.processing_vpit import DEFAULT_CHAT_TEMPLATE
 
 
 def test_markers_expand_to_k_slots_between_boundaries(tiny_vpit):
-    model, processor = tiny_vpit
+    _, processor = tiny_vpit
     text, count = processor.expand_image_markers("<image> and <image><image> done")
     assert count == 3
     assert text.count("<image_start><image><image><image><image><image_end>") == 3
@@ -49,9 +49,10 @@ def test_default_chat_template_marks_assistant_tokens(tiny_vpit):
     _, processor = tiny_vpit
     assert processor.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]
-    enc = processor.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                  return_assistant_tokens_mask=True)
-    kept = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    enc = processor.tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    kept = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
     assert processor.tokenizer.decode(kept) == " red</s>"
     assert processor.apply_chat_template(messages[:1], add_generation_prompt=True).endswith("ASSISTANT:")
 
@@ -66,7 +67,7 @@ def test_save_load_round_trip(tiny_vpit, tmp_path):
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     assert loaded.tokenizer.chat_template == processor.tokenizer.chat_template
     assert loaded.to_dict() == processor.to_dict()
-    with pytest.raises(FileNotFoundError, match="has no processor_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no processor_config\.json"):
         VPiTProcessor.from_pretrained(_empty(tmp_path))
 
 

@@ -13,7 +13,7 @@ import vpit
 from vpit import VPiTForCausalLM, VPiTProcessor
 
 
-@pytest.fixture()
+@pytest.fixture
 def saved(tiny_vpit, tmp_path):
     model, processor = tiny_vpit
     with torch.no_grad():  # make the bridge / head non-trivial so a lost module would show
@@ -33,8 +33,14 @@ def _outputs(model, batch):
 def test_folder_is_self_describing_and_safetensors_only(saved):
     _, _, folder = saved
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "vpit" and config["architectures"] == ["VPiTForCausalLM"]
@@ -50,7 +56,7 @@ def test_round_trip_reproduces_outputs_exactly(saved):
     out = _outputs(loaded, batch)
     for key in ("logits", "loss", "text_loss", "visual_loss", "visual_predictions", "visual_targets"):
         assert torch.equal(getattr(out, key), getattr(reference, key)), key
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     # Regression: loading swaps in new Parameters; the encoder must come back frozen.
     assert all(not p.requires_grad for p in loaded.vision_tower.parameters())
@@ -84,9 +90,9 @@ def test_language_model_exports_as_plain_transformers_folder(tiny_vpit, tmp_path
     script = f"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'llm')!r}).eval()
-tok = AutoTokenizer.from_pretrained({str(tmp_path / 'llm')!r})
-ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llm")!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "llm")!r})
+ref = torch.load({str(tmp_path / "ref.pt")!r}, weights_only=True)
 assert "vpit" not in sys.modules, "vpit was imported"
 assert type(model).__name__ == "LlamaForCausalLM"
 assert tok.convert_tokens_to_ids("<image_start>") == ref["ids"][0, -1].item()

@@ -52,10 +52,13 @@ def assemble(
         ...     "meta-llama/Llama-3.1-8B-Instruct", "ViT-SO400M-14-SigLIP-384", vision_pretrained="webli",
         ...     dtype=torch.bfloat16)
     """
+    torch_dtype: torch.dtype | None = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    language_model: PreTrainedModel
+    llm_name: str | None
     if isinstance(llm, (str, Path)):
         llm_name = str(llm)
         language_model = AutoModelForCausalLM.from_pretrained(
-            llm_name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+            llm_name, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
     else:
         language_model = llm
@@ -89,7 +92,8 @@ def assemble(
     )
     model = VPiTForCausalLM(config, language_model=language_model, vision_tower=encoder.tower)
     model.add_image_tokens(tokenizer)
-    model.to(dtype if dtype is not None else language_model.dtype)
+    # transformers wraps PreTrainedModel.to in a decorator whose signature mypy misreads.
+    model.to(torch_dtype if torch_dtype is not None else language_model.dtype)  # type: ignore[arg-type]
     return model, VPiTProcessor.from_config(tokenizer, model.config)
 
 

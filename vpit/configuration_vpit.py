@@ -33,9 +33,7 @@ def parse_bridge(bridge: str) -> int:
         return 1
     match = _MLP_BRIDGE.match(bridge)
     if match is None or int(match.group(1)) < 1:
-        raise ValueError(
-            f"bridge must be 'linear' or 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu'), got {bridge!r}"
-        )
+        raise ValueError(f"bridge must be 'linear' or 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu'), got {bridge!r}")
     return int(match.group(1))
 
 
@@ -200,6 +198,12 @@ class VPiTConfig(PreTrainedConfig):
             raise ValueError(
                 f"text_config ({type(self.text_config).__name__}) has no hidden_size; VPiT needs a causal LLM config"
             )
+
+    def get_vision_config(self) -> VPiTVisionConfig:
+        """The vision sub-config (typed; always a VPiTVisionConfig after construction)."""
+        if not isinstance(self.vision_config, VPiTVisionConfig):
+            raise TypeError(f"vision_config is a {type(self.vision_config).__name__}, expected VPiTVisionConfig")
+        return self.vision_config
 
     @property
     def visual_grid_size(self) -> int:

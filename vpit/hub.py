@@ -93,8 +93,14 @@ def build_model_card(
         pipeline_tag="any-to-any",
         license=license,
         datasets=datasets,
-        tags=["vpit", "metamorph", "multimodal", "image-generation", "visual-predictive-instruction-tuning"]
-        + list(tags or []),
+        tags=[
+            "vpit",
+            "metamorph",
+            "multimodal",
+            "image-generation",
+            "visual-predictive-instruction-tuning",
+            *(tags or []),
+        ],
     )
     extra_rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
     training = ""

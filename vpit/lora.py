@@ -90,9 +90,8 @@ def apply_lora(
 
 def load_lora(base: VPiTForCausalLM | str | Path, adapter: str | Path, is_trainable: bool = False) -> PeftModel:
     """Load an adapter folder onto a VPiT base model (an object or a saved VPiT folder)."""
-    if not isinstance(base, VPiTForCausalLM):
-        base = VPiTForCausalLM.from_pretrained(base)
-    return PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+    model = base if isinstance(base, VPiTForCausalLM) else VPiTForCausalLM.from_pretrained(base)
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
 
 
 def merge_lora(peft_model: PeftModel) -> VPiTForCausalLM:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,14 @@ from transformers.utils import ModelOutput
 from .bridge import build_bridge
 from .configuration_vpit import VPiTConfig
 from .losses import IGNORE_INDEX, cosine_loss, text_loss
+from .processing_vpit import token_id
 from .vision import VisionEncoder
 from .visual_head import build_visual_head
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .processing_vpit import VPiTProcessor
 
 
 @dataclass
@@ -52,13 +59,20 @@ class VPiTCausalLMOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight
+
+
 class VPiTPreTrainedModel(PreTrainedModel):
     config: VPiTConfig
     config_class = VPiTConfig
     base_model_prefix = "vpit"
-    input_modalities = ("image", "text")
+    input_modalities = ["image", "text"]  # noqa: RUF012 (an instance attribute upstream)
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012 (an instance attribute upstream)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -98,19 +112,19 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
         self.vision_tower = VisionEncoder(
-            config.vision_config,
+            config.get_vision_config(),
             config.num_visual_tokens,
             pooling=config.pooling,
             normalize=config.normalize_visual_tokens,
             tower=vision_tower,
         )
-        hidden, vision = config.text_config.hidden_size, self.vision_tower.hidden_size
+        hidden, vision = config.get_text_config().hidden_size, self.vision_tower.hidden_size
         self.bridge = build_bridge(config.bridge, vision, hidden)
         self.visual_head = build_visual_head(config.visual_head, hidden, vision)
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):  # type: ignore[override]
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> VPiTForCausalLM:
         """`PreTrainedModel.from_pretrained`, then re-freeze the encoder (loading swaps in fresh Parameters,
         which would otherwise come back with requires_grad=True)."""
         model = super().from_pretrained(*args, **kwargs)
@@ -132,18 +146,18 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         self.language_model.set_output_embeddings(new_embeddings)
 
     def _token_ids(self) -> tuple[int, int, int]:
-        ids = (self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id)
-        if any(i is None for i in ids):
+        start, end, slot = self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id
+        if start is None or end is None or slot is None:
             raise ValueError(
                 "config.image_*_token_id are not set: the tokenizer's image tokens were never looked up. "
                 "Build the model with vpit.assemble(...) or call model.add_image_tokens(tokenizer)."
             )
-        return ids  # type: ignore[return-value]
+        return start, end, slot
 
     # ---------------------------------------------------------------------------------------- tokenizer
 
     @torch.no_grad()
-    def add_image_tokens(self, tokenizer) -> list[int]:
+    def add_image_tokens(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """Add the image start/end/placeholder tokens to `tokenizer`, grow the embedding and LM-head matrices,
         start every new row at the mean of the existing rows, and record the looked-up ids in the config.
 
@@ -151,20 +165,19 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         """
         specials = [self.config.image_start_token, self.config.image_end_token, self.config.image_token]
         tokenizer.add_tokens(specials, special_tokens=True)
-        old_rows = self.get_input_embeddings().weight.shape[0]
+        old_rows = _weight(self.get_input_embeddings()).shape[0]
         new_rows = len(tokenizer)
         if new_rows > old_rows:
             self.language_model.resize_token_embeddings(new_rows, mean_resizing=False)
-            for matrix in {id(m): m for m in (self.get_input_embeddings(), self.get_output_embeddings())}.values():
-                if matrix is None:
-                    continue
-                weight = matrix.weight  # (V, H) for both the embedding and the LM head
+            matrices = [self.get_input_embeddings(), self.get_output_embeddings()]
+            for matrix in {id(m): m for m in matrices if m is not None}.values():
+                weight = _weight(matrix)  # (V, H) for both the embedding and the LM head
                 weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
                 bias = getattr(matrix, "bias", None)
                 if bias is not None:
                     bias[old_rows:] = bias[:old_rows].float().mean().to(bias.dtype)
-        self.config.text_config.vocab_size = self.get_input_embeddings().weight.shape[0]
-        start, end, slot = tokenizer.convert_tokens_to_ids(specials)
+        self.config.get_text_config().vocab_size = _weight(self.get_input_embeddings()).shape[0]
+        start, end, slot = (token_id(tokenizer, token) for token in specials)
         self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id = start, end, slot
         return [i for i in (start, end, slot) if i >= old_rows]
 
@@ -258,7 +271,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> VPiTCausalLMOutput:
         """Run the LLM on text with spliced visual tokens and, given labels, compute the VPiT loss.
 
@@ -330,7 +343,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
 
     # ---------------------------------------------------------------------------------------- export / hub
 
-    def save_language_model(self, save_directory: str | Path, tokenizer=None, **kwargs) -> None:
+    def save_language_model(
+        self, save_directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, **kwargs: Any
+    ) -> None:
         """Write the LLM alone (with the grown vocabulary) as a plain transformers causal-LM folder, loadable
         with `AutoModelForCausalLM.from_pretrained` without vpit installed."""
         self.language_model.save_pretrained(save_directory, **kwargs)
@@ -340,12 +355,12 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
     def push_to_hub(  # type: ignore[override]
         self,
         repo_id: str,
-        processor=None,
+        processor: VPiTProcessor | None = None,
         *,
         token: str | None = None,
         private: bool | None = None,
         commit_message: str = "Upload VPiT model",
-        **card_kwargs,
+        **card_kwargs: Any,
     ) -> str:
         """Save to a temporary folder with a generated model card and upload it. Returns the commit URL.
 

@@ -35,6 +35,14 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token string, looked up in the tokenizer (never hard-coded)."""
+    ids = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(ids, int) or ids == tokenizer.unk_token_id:
+        raise ValueError(f"token {token!r} is not in the tokenizer's vocabulary")
+    return ids
+
+
 class VPiTProcessor:
     """Tokenizer + image transform for a VPiT model.
 
@@ -80,11 +88,12 @@ class VPiTProcessor:
 
     @classmethod
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, config: VPiTConfig) -> VPiTProcessor:
-        if config.vision_config.preprocess_config is None:
+        preprocess_config = config.get_vision_config().preprocess_config
+        if preprocess_config is None:
             raise ValueError("config.vision_config.preprocess_config is not resolved (see resolve_vision_config)")
         return cls(
             tokenizer,
-            config.vision_config.preprocess_config,
+            preprocess_config,
             config.num_visual_tokens,
             config.image_start_token,
             config.image_end_token,
@@ -127,7 +136,7 @@ class VPiTProcessor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.decode(*args, **kwargs)
+        return str(self.tokenizer.decode(*args, **kwargs))
 
     # ----------------------------------------------------------------------------------------- images
 
@@ -162,15 +171,15 @@ class VPiTProcessor:
         """
         texts = [text] if isinstance(text, str) else list(text)
         images = list(images or [])
-        expanded, counts = zip(*(self.expand_image_markers(t) for t in texts))
+        expanded, counts = zip(*(self.expand_image_markers(t) for t in texts), strict=True)
         if sum(counts) != len(images):
             raise ValueError(
                 f"the text holds {sum(counts)} image marker(s) ({self.image_token!r}) per row {list(counts)} "
                 f"but {len(images)} image(s) were given"
             )
         encoding = self.tokenizer(list(expanded), return_tensors=return_tensors, padding=padding, **tokenizer_kwargs)
-        slot_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        slots = int((torch.as_tensor(encoding["input_ids"]) == slot_id).sum())
+        slot_id = token_id(self.tokenizer, self.image_token)
+        slots = int(torch.as_tensor(encoding["input_ids"]).eq(slot_id).sum())
         if slots != len(images) * self.num_visual_tokens:
             raise ValueError(
                 f"tokenised text holds {slots} image slots, expected {len(images)} x {self.num_visual_tokens}; "

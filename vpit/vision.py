@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
@@ -110,8 +112,8 @@ def _load_pretrained_tower(config: VPiTVisionConfig, trust_remote_code: bool = F
             return _build_tower(config)
         model = open_clip.create_model(config.model_name, pretrained=config.pretrained, weights_only=True)
         return model.visual
-    hf_config = AutoConfig.for_model(**copy.deepcopy(config.model_config))
-    model_cls = AutoModel._model_mapping[type(hf_config)]
+    hf_config = AutoConfig.for_model(**copy.deepcopy(config.model_config or {}))
+    model_cls: Any = AutoModel._model_mapping[type(hf_config)]  # e.g. SiglipVisionModel, CLIPVisionModel
     return model_cls.from_pretrained(config.model_name, trust_remote_code=trust_remote_code)
 
 
@@ -178,7 +180,8 @@ class VisionEncoder(nn.Module):
         self.grid = math.isqrt(num_visual_tokens)
         self.pooling = pooling
         self.normalize = normalize
-        self.tower = tower if tower is not None else _build_tower(config)
+        # open_clip and transformers towers expose different attributes (trunk, transformer, config): Any.
+        self.tower: Any = tower if tower is not None else _build_tower(config)
         self.freeze()
         self._block_index = self._resolve_block_index()
 
@@ -209,9 +212,7 @@ class VisionEncoder(nn.Module):
             return len(tower.trunk.blocks)
         if hasattr(tower, "transformer"):  # open_clip VisionTransformer
             return len(tower.transformer.resblocks)
-        raise ValueError(
-            f"{type(tower).__name__} is not a ViT; VPiT needs patch tokens, so pick a ViT open_clip model"
-        )
+        raise ValueError(f"{type(tower).__name__} is not a ViT; VPiT needs patch tokens, so pick a ViT open_clip model")
 
     def _resolve_block_index(self) -> int:
         """0-based index of the block whose output we take (feature_layer -1 = last, k >= 1 = block k)."""
@@ -238,7 +239,7 @@ class VisionEncoder(nn.Module):
             return int(self.tower.trunk.embed_dim)
         return int(self.tower.transformer.width)
 
-    def image_transform(self):
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The eval-time PIL -> tensor transform of this encoder (open_clip's, from the resolved PreprocessCfg)."""
         return build_image_transform(self.config.preprocess_config or {})
 
@@ -292,7 +293,7 @@ class VisionEncoder(nn.Module):
         return self.pool(self.patch_grid(pixel_values.to(dtype)))
 
 
-def build_image_transform(preprocess_config: dict[str, Any]):
+def build_image_transform(preprocess_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
     """open_clip's eval transform (resize, crop, to tensor, normalise) for a PreprocessCfg dict."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess_config.items()}
     return image_transform_v2(PreprocessCfg(**fields), is_train=False)
