@@ -2,103 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import vpit
-
-CORPUS = [
-    "a small red circle on the left",
-    "a large blue square at the top",
-    "a small green triangle in the center",
-    "Generate an image of a large purple circle at the bottom.",
-    "Here is an image based on your request:",
-    "What colour is the shape? red green blue yellow purple orange",
-    "Describe the image. USER: ASSISTANT: Draw Make it Move it",
-]
-
-TINY_OPEN_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 48, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def build_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    tok.train_from_iterator(
-        CORPUS * 4,
-        trainers.BpeTrainer(
-            vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build_tiny_llama(folder: Path, tie: bool = False) -> Path:
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def build_tiny_open_clip(folder: Path) -> Path:
-    """A tiny open_clip CLIP saved as a `local-dir:` folder (open_clip_config.json + safetensors)."""
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "model_cfg": TINY_OPEN_CLIP,
-        "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"},
-    }
-    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
-    model = open_clip.model.CLIP(**TINY_OPEN_CLIP)
-    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
-    return folder
+from vpit.tiny import save_tiny_llama, save_tiny_open_clip
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tied"), tie=True)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tied"), tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    return build_tiny_open_clip(tmp_path_factory.mktemp("tiny-clip"))
+    return save_tiny_open_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture

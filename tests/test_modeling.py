@@ -180,3 +180,22 @@ def test_bf16_model(tiny_llama, tiny_clip):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = model(**encode_conversations(processor, [GENERATION], [[None]]))
     assert torch.isfinite(out.loss) and out.visual_loss > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_vpit):
+    model, processor = tiny_vpit
+    model.train()
+    batch = encode_conversations(processor, [UNDERSTANDING, GENERATION], [[None], [None]])
+
+    def grads():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert model.language_model.model.gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
