@@ -126,3 +126,13 @@ GENERATION = [
     {"role": "assistant", "content": "Here is an image based on your request: <image>"},
 ]
 TEXT_ONLY = [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a circle"}]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: on a CPU-only machine they skip, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

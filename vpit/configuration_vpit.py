@@ -84,7 +84,7 @@ class VPiTVisionConfig(PreTrainedConfig):
     hidden_size: int | None = field(default=None, metadata={"help": "Dv, the patch-token width; resolved."})
     grid_size: int | None = field(default=None, metadata={"help": "Patches per side of the token grid; resolved."})
 
-    def __post_init__(self, **kwargs):
+    def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         _one_of("vision_config.backend", self.backend, VISION_BACKENDS)
         if not self.model_name:
@@ -162,7 +162,7 @@ class VPiTConfig(PreTrainedConfig):
         default=False, metadata={"help": "Mirrors the LLM's own setting; read from text_config."}
     )
 
-    def __post_init__(self, **kwargs):
+    def __post_init__(self, **kwargs: Any) -> None:
         trust_remote_code = kwargs.pop("trust_remote_code", False)
         if isinstance(self.text_config, str):
             # A Hub id or local folder: read its config (no weights) so the composite is self-describing.
