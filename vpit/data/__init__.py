@@ -1,0 +1,1 @@
+"""vpit data: readers, data cards, validation, tokenisation, collation and mixtures."""
