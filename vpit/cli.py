@@ -23,6 +23,28 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_validate(args: argparse.Namespace) -> int:
+    from .data.validation import validate
+
+    processor = None
+    if args.processor:
+        from .processing_vpit import VPiTProcessor
+
+        processor = VPiTProcessor.from_pretrained(args.processor)
+    report = validate(
+        args.target,
+        use_sample=args.sample,
+        fmt=args.format,
+        image_folder=args.image_folder,
+        processor=processor,
+        max_length=args.max_length,
+    )
+    path = report.write(args.report)
+    print(report.summary())
+    print(f"report: {path} (+ {path.with_suffix('.summary.json').name})")
+    return 1 if report.num_bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -47,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dataset", action="append", help="a training dataset id for the card (repeatable)")
     push.add_argument("--tag", action="append", help="an extra tag for the card (repeatable)")
     push.set_defaults(func=_push)
+
+    data = commands.add_parser("data", help="inspect and validate training data")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    check = data_commands.add_parser(
+        "validate",
+        help="scan a data card, a recipe's mixture or a data file and report every bad record",
+        description="Scan everything, print a summary and write a report listing every bad record with its "
+        "source, index, id and reason. Exits 1 when any record is bad.",
+    )
+    check.add_argument("target", help="a data card (.yaml), a recipe (.yaml with data.mixture) or a .json/.jsonl file")
+    check.add_argument("--image-folder", default=None, help="folder image paths are relative to (data files)")
+    check.add_argument("--format", default=None, help="data file format if detection is not wanted")
+    check.add_argument("--sample", action="store_true", help="validate each card's shipped sample data")
+    check.add_argument("--processor", default=None, help="a VPiT folder: also check tokenisation and truncation")
+    check.add_argument("--max-length", type=int, default=None, help="sequence limit for the truncation check")
+    check.add_argument("--report", default="validation_report.jsonl", help="where to write the report")
+    check.set_defaults(func=_data_validate)
     return parser
 
 

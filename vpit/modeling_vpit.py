@@ -292,6 +292,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds, z = self.embed(input_ids, pixel_values=pixel_values, visual_tokens=visual_tokens)
+        packed = attention_mask is None and position_ids is not None and past_key_values is None
+        if use_cache is None and (labels is not None or packed):
+            # Training needs no KV cache, and transformers builds the block-diagonal mask of packed rows (position
+            # ids restarting per sample) only when there is none: a default cache would let samples attend across.
+            use_cache = False
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from .configuration_vpit import VPiTConfig
+from .data.records import ImageSource, load_image
 from .vision import build_image_transform
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -28,7 +28,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
     "{% elif message['role'] == 'assistant' %}ASSISTANT:"
-    "{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -140,23 +140,17 @@ class VPiTProcessor:
 
     # ----------------------------------------------------------------------------------------- images
 
-    def preprocess_images(self, images: list[Image.Image | str | Path]) -> torch.Tensor:
-        """PIL images or paths -> (I, 3, S, S), EXIF orientation applied, converted to RGB."""
-        tensors = []
-        for image in images:
-            if not isinstance(image, Image.Image):
-                with Image.open(image) as opened:
-                    image = opened.copy()
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            tensors.append(self.image_transform(image))
-        return torch.stack(tensors)
+    def preprocess_images(self, images: list[ImageSource]) -> torch.Tensor:
+        """Images (PIL, paths, bytes) -> (I, 3, S, S): decoded, EXIF-oriented and converted to RGB by
+        `vpit.data.records.load_image` (transparency onto white, 16-bit scaled), then the encoder's transform."""
+        return torch.stack([self.image_transform(load_image(image)) for image in images])
 
     # ------------------------------------------------------------------------------------------- call
 
     def __call__(
         self,
         text: str | list[str],
-        images: list[Image.Image | str | Path] | None = None,
+        images: list[ImageSource] | None = None,
         return_tensors: str = "pt",
         padding: bool | str = True,
         **tokenizer_kwargs: Any,

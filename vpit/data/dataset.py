@@ -1,0 +1,188 @@
+"""The training stream: a mixture of data cards, sampled by `MixtureSampler`, encoded on the fly.
+
+A bad record is never retried or replaced quietly: it is skipped, counted, and appended with its reason to
+`skipped.jsonl` in the run folder; each encoded sample carries `num_skipped` (records skipped just before it)
+so the training loop can show the count, and the stream stops with `SkipRateExceeded` when the skip rate
+passes `max_skip_rate` (after `min_records` records, so one early bad record does not stop a run).
+
+Duplicate ids are a validation finding (`vpit data validate`), not a reason to skip at training time: the
+stream would have to remember every id, and ids legitimately repeat across epochs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..processing_vpit import VPiTProcessor
+from .cards import DataCard
+from .encode import encode_sample
+from .formats import RawRecord
+from .mixture import MixtureSampler
+from .records import RecordError
+
+
+class SkipRateExceeded(RuntimeError):
+    """Too many bad records: the data needs fixing (see skipped.jsonl and `vpit data validate`)."""
+
+
+class SkipLog:
+    """Counts used and skipped records; appends each skipped one to a JSONL file.
+
+    Args:
+        path: skipped.jsonl in the run folder (None: count only).
+        max_skip_rate: the largest tolerated fraction of skipped records.
+        min_records: the rate is enforced once this many records were seen.
+    """
+
+    def __init__(self, path: str | Path | None, max_skip_rate: float = 0.01, min_records: int = 200):
+        if not 0 <= max_skip_rate <= 1:
+            raise ValueError(f"max_skip_rate must be in [0, 1], got {max_skip_rate}")
+        self.path = Path(path) if path is not None else None
+        self.max_skip_rate = max_skip_rate
+        self.min_records = min_records
+        self.used = 0
+        self.skipped = 0
+
+    def ok(self) -> None:
+        self.used += 1
+
+    def skip(self, source: str, index: int, record_id: str | None, error: RecordError, position: int = -1) -> None:
+        """Count a skipped record and append it (with its stream position) to the log file."""
+        self.skipped += 1
+        if self.path is not None:
+            entry = {
+                "source": source,
+                "index": index,
+                "id": record_id,
+                "reason": error.reason,
+                "message": error.message,
+                "position": position,
+            }
+            # One short line per write, opened in append mode: lines from several workers never interleave.
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        seen = self.used + self.skipped
+        if seen >= self.min_records and self.skipped / seen > self.max_skip_rate:
+            raise SkipRateExceeded(
+                f"{self.skipped} of {seen} records skipped ({self.skipped / seen:.1%} > max_skip_rate "
+                f"{self.max_skip_rate:.1%}); reasons are in {self.path or 'the skip log'}; "
+                "run `vpit data validate` on the data"
+            )
+
+
+class _Records:
+    """Random access to a map-style source, sequential access to a streaming one."""
+
+    def __init__(self, card: DataCard, use_sample: bool):
+        self.streaming = card.location(use_sample).streaming
+        self._card, self._use_sample = card, use_sample
+        self._rows: list[RawRecord] | None = None if self.streaming else list(card.records(use_sample))
+        self._stream: Iterator[RawRecord] | None = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        if self._rows is None:
+            raise TypeError("a streaming source has no length")
+        return len(self._rows)
+
+    def get(self, index: int) -> RawRecord:
+        if self._rows is not None:
+            return self._rows[index]
+        if self._stream is None or index < self._next:  # first use, or the stream wrapped at its cap
+            self._stream, self._next = iter(self._card.records(self._use_sample)), 0
+        while True:
+            position, record = next(self._stream)
+            self._next = position + 1
+            if position == index:
+                return position, record
+
+
+class VPiTDataset(IterableDataset):
+    """Encoded samples from a weighted mixture of cards, for one distributed rank.
+
+    Args:
+        cards: the data cards of the mixture.
+        processor: tokenizer + image transform of the model being trained.
+        weights / caps: sampling weight and optional cap per card.
+        seed / rank / world_size: the sampler's seed and this process's shard.
+        max_length: token limit per sample (cut after the last image span, never through one).
+        skip_log: where skipped records are counted and written.
+        use_sample: read each card's shipped sample data instead of its full source.
+
+    Each DataLoader worker takes every `num_workers`-th position of this rank's stream, so the order of the
+    stream does not depend on the number of workers.
+    """
+
+    def __init__(
+        self,
+        cards: Sequence[DataCard],
+        processor: VPiTProcessor,
+        weights: Sequence[float] | None = None,
+        caps: Sequence[int | None] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_length: int | None = None,
+        skip_log: SkipLog | None = None,
+        use_sample: bool = False,
+    ):
+        super().__init__()
+        self.cards = list(cards)
+        self.processor = processor
+        self.max_length = max_length
+        self.skip_log = skip_log or SkipLog(None)
+        self.records = [_Records(card, use_sample) for card in self.cards]
+        sizes = [None if r.streaming else len(r) for r in self.records]
+        self.sampler = MixtureSampler(
+            sizes,
+            list(weights) if weights is not None else [1.0] * len(self.cards),
+            caps=caps,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            names=[card.name for card in self.cards],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if self.skip_log.path is not None and worker is not None:
+            # Each worker counts its own share; the file is shared (append-only lines).
+            self.skip_log = SkipLog(self.skip_log.path, self.skip_log.max_skip_rate, self.skip_log.min_records)
+        skipped = 0
+        sampler = self.sampler
+        while True:
+            position = sampler.position  # global position in the mixture stream
+            source, index = next(sampler)
+            local = (position - sampler.rank) // sampler.world_size  # this rank's n-th draw
+            if local % num_workers != worker_id:
+                continue
+            card = self.cards[source]
+            _, record = self.records[source].get(index)
+            record_id = record.get("id") if isinstance(record, dict) else None
+            try:
+                if isinstance(record, RecordError):
+                    raise record
+                encoded = encode_sample(card.to_sample(index, record), self.processor, self.max_length)
+            except RecordError as err:
+                skipped += 1
+                self.skip_log.skip(card.name, index, None if record_id is None else str(record_id), err, position)
+                continue
+            self.skip_log.ok()
+            encoded["num_skipped"], skipped = skipped, 0
+            encoded["position"] = position
+            yield encoded
+
+
+__all__ = ["SkipLog", "SkipRateExceeded", "VPiTDataset"]

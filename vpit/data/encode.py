@@ -1,0 +1,139 @@
+"""Tokenise a `Sample` with the tokenizer's own chat template into an encoded sample for the collator.
+
+The response (assistant) mask is computed exactly, or the sample is refused:
+- when the template marks assistant text with `{% generation %}`, transformers' `return_assistant_tokens_mask`
+  gives it directly;
+- otherwise each assistant turn's character span is found by rendering the conversation up to that turn with
+  and without it (the template must be prefix-stable), and tokens are assigned by their offsets; a token that
+  straddles a span boundary makes the mask ambiguous, and the sample is refused (reason `tokenization`).
+A sample whose mask ends up empty is refused too (`no_labels`): it would train on nothing, silently.
+
+Encoded sample (the collator's input):
+    input_ids (L,) | labels (L,) = ids on assistant tokens except image slots, -100 elsewhere
+    visual_target_mask (L,) = image slots inside assistant turns | pixel_values (I, 3, S, S)
+    id, source, index: where it came from
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..losses import IGNORE_INDEX
+from ..processing_vpit import VPiTProcessor, token_id
+from .formats import check_sample
+from .records import RecordError, Sample, load_image
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def _template(tokenizer: PreTrainedTokenizerBase) -> str:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one
+        template = template.get("default", next(iter(template.values())))
+    if not isinstance(template, str):
+        raise ValueError("the tokenizer has no chat template; VPiTProcessor installs a default one")
+    return template
+
+
+def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it belongs to an assistant turn.
+
+    Raises:
+        RecordError: (tokenization) when the mask cannot be computed exactly.
+    """
+    if _GENERATION_TAG.search(_template(tokenizer)):
+        encoded: Any = tokenizer.apply_chat_template(  # a BatchEncoding here (return_dict=True)
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(encoded["input_ids"]), [bool(m) for m in encoded["assistant_masks"]]
+
+    def render(turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return str(text)
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], generation_prompt=True)
+        through = render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise RecordError(
+                "tokenization",
+                f"the chat template is not prefix-stable at turn {i}: rendering the conversation up to that turn "
+                "is not a prefix of the whole; add {% generation %} markers to the template",
+            )
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    for start, end in encoded["offset_mapping"]:
+        inside = any(s <= start and end <= e for s, e in spans)
+        if not inside and any(start < e and end > s for s, e in spans):
+            raise RecordError(
+                "tokenization",
+                f"a token spans the boundary of an assistant turn (characters {start}-{end}); the response mask "
+                "would be approximate",
+            )
+        mask.append(inside)
+    return list(encoded["input_ids"]), mask
+
+
+def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | None = None) -> dict[str, Any]:
+    """Check, load the images of, and tokenise one sample.
+
+    Raises:
+        RecordError: for any structural, image or tokenisation problem (the reason says which).
+    """
+    check_sample(sample)
+    pixels = [processor.image_transform(load_image(image, sample.image_root)) for image in sample.images]
+    size = processor.preprocess_config.get("size", 224)
+    height, width = (size, size) if isinstance(size, int) else size
+    pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, height, width)
+
+    messages = [{**m, "content": processor.expand_image_markers(m["content"])[0]} for m in sample.messages]
+    ids, mask = assistant_mask(processor.tokenizer, messages)
+    input_ids = torch.tensor(ids, dtype=torch.long)  # (L,)
+    in_response = torch.tensor(mask, dtype=torch.bool)  # (L,)
+    tokenizer = processor.tokenizer
+    slot = input_ids == token_id(tokenizer, processor.image_token)
+    start = input_ids == token_id(tokenizer, processor.image_start_token)
+    end = input_ids == token_id(tokenizer, processor.image_end_token)
+    k = processor.num_visual_tokens
+    if int(slot.sum()) != k * len(sample.images) or int(start.sum()) != len(sample.images):
+        raise RecordError(
+            "tokenization",
+            f"tokenised text holds {int(slot.sum())} image slots / {int(start.sum())} spans for "
+            f"{len(sample.images)} image(s) x K={k}: the tokenizer split or merged an image token",
+        )
+
+    if max_length is not None and len(input_ids) > max_length:
+        # Cut only after the last complete image span; never through one.
+        span_ends = torch.nonzero(end).flatten()
+        if len(span_ends) and int(span_ends[-1]) >= max_length:
+            raise RecordError(
+                "truncates_image",
+                f"{len(input_ids)} tokens > max_length={max_length} and image span ending at token "
+                f"{int(span_ends[-1])} would be cut",
+            )
+        input_ids, in_response, slot = input_ids[:max_length], in_response[:max_length], slot[:max_length]
+
+    labels = torch.where(in_response & ~slot, input_ids, IGNORE_INDEX)
+    if not bool((labels != IGNORE_INDEX).any()):
+        raise RecordError("no_labels", f"no assistant token among the {len(input_ids)} tokens kept")
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "visual_target_mask": slot & in_response,
+        "pixel_values": pixel_values,
+        "id": sample.id,
+        "source": sample.source,
+        "index": sample.index,
+    }
+
+
+__all__ = ["assistant_mask", "encode_sample"]
