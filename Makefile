@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check vpit tests
-	$(BIN)/ruff format --check vpit tests
+	$(BIN)/ruff check vpit tests benchmarks data_cards
+	$(BIN)/ruff format --check vpit tests benchmarks data_cards
 
 format: install
-	$(BIN)/ruff check --fix vpit tests
-	$(BIN)/ruff format vpit tests
+	$(BIN)/ruff check --fix vpit tests benchmarks data_cards
+	$(BIN)/ruff format vpit tests benchmarks data_cards
 
 typecheck: install
 	$(BIN)/mypy

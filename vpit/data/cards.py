@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .formats import FORMATS, TASKS, RawRecord, read_hf_dataset, read_json_file, record_to_sample
+from .formats import DEFAULT_FIELDS, FORMATS, TASKS, RawRecord, read_hf_dataset, read_json_file, record_to_sample
 from .records import RecordError, Sample
 
 
@@ -42,6 +42,8 @@ class SourceLocation:
     def from_dict(cls, data: Mapping[str, Any], where: str) -> SourceLocation:
         _reject_unknown(data, cls, where)
         location = cls(**data)
+        if location.data_files is None:
+            location.data_files = []
         if isinstance(location.data_files, str):
             location.data_files = [location.data_files]
         if not location.data_files and not location.hub_id:
@@ -104,6 +106,12 @@ class DataCard:
         data["source"] = SourceLocation.from_dict(data["source"], f"{path}: source").resolved(base)
         if data.get("sample") is not None:
             data["sample"] = SourceLocation.from_dict(data["sample"], f"{path}: sample").resolved(base)
+        unknown_fields = sorted(set(data.get("fields") or {}) - set(DEFAULT_FIELDS[data["format"]]))
+        if unknown_fields:
+            raise ValueError(
+                f"{path}: fields {unknown_fields} are not fields of the {data['format']!r} format; "
+                f"known: {sorted(DEFAULT_FIELDS[data['format']])}"
+            )
         if data.get("templates") is not None and not all(isinstance(t, str) for t in data["templates"]):
             raise ValueError(f"{path}: templates must be a list of strings")
         return cls(**data, path=path)
@@ -118,6 +126,11 @@ class DataCard:
     def records(self, use_sample: bool = False) -> Iterator[RawRecord]:
         """(index, raw record or RecordError) over the whole source (or its shipped sample)."""
         yield from read_location(self.location(use_sample))
+
+    @property
+    def id_field(self) -> str:
+        """The record key holding the id (e.g. CC3M's `__key__`)."""
+        return self.fields.get("id", DEFAULT_FIELDS[self.format]["id"])
 
     def to_sample(self, index: int, record: Mapping[str, Any], use_sample: bool = False, seed: int = 0) -> Sample:
         folder = self.location(use_sample).image_folder
@@ -177,6 +190,8 @@ class MixtureEntry:
             }.items()
             if v is not None
         }
+        if self.data_files is not None and self.hub_id is None:
+            overrides["hub_id"] = None  # local files replace a Hub source, they do not sit behind it
         if overrides:
             location = dataclasses.replace(card.source, **overrides)
             card.source = location.resolved(Path.cwd())

@@ -170,7 +170,7 @@ class VPiTDataset(IterableDataset):
                 continue
             card = self.cards[source]
             _, record = self.records[source].get(index)
-            record_id = record.get("id") if isinstance(record, dict) else None
+            record_id = record.get(card.id_field) if isinstance(record, dict) else None
             try:
                 if isinstance(record, RecordError):
                     raise record

@@ -92,6 +92,8 @@ def read_json_file(path: str | Path) -> Iterator[RawRecord]:
         RecordError: (bad_json) when a .json file as a whole is not a JSON list.
     """
     path = Path(path)
+    if not path.is_file():
+        raise RecordError("unreadable_file", f"data file {path} does not exist")
     if path.suffix == ".jsonl":
         with path.open("rb") as handle:
             for index, raw in enumerate(handle):

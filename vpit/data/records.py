@@ -33,6 +33,7 @@ REASONS: dict[str, str] = {
     "duplicate_id": "the record's id was already used by an earlier record of the same source",
     "bad_record": "the record lacks a field its format requires, or a field has the wrong type",
     "tokenization": "the response mask cannot be computed exactly with this tokenizer's chat template",
+    "unreadable_file": "a data file is missing or cannot be read at all",
 }
 
 

@@ -82,32 +82,51 @@ def validate_records(
     report: ValidationReport,
     processor: VPiTProcessor | None = None,
     max_length: int | None = None,
+    id_field: str = "id",
 ) -> ValidationReport:
     """Check every record: parse, structure, duplicate ids, images (decoded), and, with a processor, tokenisation
     and truncation. Adds to `report` and returns it."""
     seen: set[str] = set()
-    for index, record in records:
+    try:
+        for index, record in records:
+            _check_one(index, record, to_sample, source, report, seen, processor, max_length, id_field)
+    except RecordError as err:  # the source as a whole cannot be read (missing file, not a JSON list)
         report.checked[source] += 1
-        record_id = record.get("id") if isinstance(record, dict) else None
-        try:
-            if isinstance(record, RecordError):
-                raise record
-            sample = to_sample(index, record)
-            check_sample(sample)
-            if sample.id is not None:
-                if sample.id in seen:
-                    raise RecordError("duplicate_id", f"id {sample.id!r} appears more than once")
-                seen.add(sample.id)
-            if processor is not None:
-                encode_sample(sample, processor, max_length)
-            else:
-                for image in sample.images:
-                    load_image(image, sample.image_root)
-        except RecordError as err:
-            report.problems.append(
-                Problem(source, index, None if record_id is None else str(record_id), err.reason, err.message)
-            )
+        report.problems.append(Problem(source, -1, None, err.reason, err.message))
     return report
+
+
+def _check_one(
+    index: int,
+    record: dict[str, Any] | RecordError,
+    to_sample: Callable[[int, Mapping[str, Any]], Sample],
+    source: str,
+    report: ValidationReport,
+    seen: set[str],
+    processor: VPiTProcessor | None,
+    max_length: int | None,
+    id_field: str,
+) -> None:
+    report.checked[source] += 1
+    record_id = record.get(id_field) if isinstance(record, dict) else None
+    try:
+        if isinstance(record, RecordError):
+            raise record
+        sample = to_sample(index, record)
+        check_sample(sample)
+        if sample.id is not None:
+            if sample.id in seen:
+                raise RecordError("duplicate_id", f"id {sample.id!r} appears more than once")
+            seen.add(sample.id)
+        if processor is not None:
+            encode_sample(sample, processor, max_length)
+        else:
+            for image in sample.images:
+                load_image(image, sample.image_root)
+    except RecordError as err:
+        report.problems.append(
+            Problem(source, index, None if record_id is None else str(record_id), err.reason, err.message)
+        )
 
 
 def validate_card(
@@ -120,7 +139,9 @@ def validate_card(
     def to_sample(index: int, record: Mapping[str, Any]) -> Sample:
         return card.to_sample(index, record, use_sample=use_sample)
 
-    return validate_records(card.records(use_sample), to_sample, card.name, report, processor, max_length)
+    return validate_records(
+        card.records(use_sample), to_sample, card.name, report, processor, max_length, id_field=card.id_field
+    )
 
 
 def validate_file(
@@ -141,13 +162,7 @@ def validate_file(
             detected.append(detect_format(record))
         return record_to_sample(record, detected[0], index=index, source=path.name, image_root=root)
 
-    try:
-        records = list(read_json_file(path))
-    except RecordError as err:  # the whole file is unreadable
-        report.checked[path.name] += 1
-        report.problems.append(Problem(path.name, -1, None, err.reason, err.message))
-        return report
-    return validate_records(records, to_sample, path.name, report, processor, max_length)
+    return validate_records(read_json_file(path), to_sample, path.name, report, processor, max_length)
 
 
 def validate(
