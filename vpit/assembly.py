@@ -92,8 +92,10 @@ def assemble(
     )
     model = VPiTForCausalLM(config, language_model=language_model, vision_tower=encoder.tower)
     model.add_image_tokens(tokenizer)
-    # transformers wraps PreTrainedModel.to in a decorator whose signature mypy misreads.
-    model.to(torch_dtype if torch_dtype is not None else language_model.dtype)  # type: ignore[arg-type]
+    target = torch_dtype if torch_dtype is not None else language_model.dtype
+    if any(p.dtype != target for p in model.parameters()):
+        # transformers wraps PreTrainedModel.to in a decorator whose signature mypy misreads.
+        model.to(target)  # type: ignore[arg-type]
     return model, VPiTProcessor.from_config(tokenizer, model.config)
 
 

@@ -206,6 +206,12 @@ class VPiTConfig(PreTrainedConfig):
         return self.vision_config
 
     @property
+    def hidden_size(self) -> int:
+        """The LLM's hidden size H (read by tools that size buffers from `config.hidden_size`, e.g. DeepSpeed's
+        "auto" bucket sizes in accelerate)."""
+        return int(self.get_text_config().hidden_size)
+
+    @property
     def visual_grid_size(self) -> int:
         """k, the side of the pooled k x k visual-token grid."""
         return math.isqrt(self.num_visual_tokens)

@@ -10,6 +10,7 @@ Dimension letters: see `vpit.configuration_vpit`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,23 @@ def _weight(module: nn.Module) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(module).__name__}.weight is not a tensor")
     return weight
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape, also when DeepSpeed ZeRO-3 has partitioned it (its `.shape` is then empty)."""
+    return getattr(tensor, "ds_shape", tensor.shape)
+
+
+def gathered_for_write(params: list[torch.Tensor]) -> contextlib.AbstractContextManager[Any]:
+    """Gather ZeRO-3-partitioned parameters so that rank 0 can write to them (broadcast to all on exit);
+    a no-op for ordinary parameters. Models built under an accelerate ZeRO-3 config are partitioned at
+    construction (transformers' `from_pretrained` uses `deepspeed.zero.Init`)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 class VPiTPreTrainedModel(PreTrainedModel):
@@ -165,18 +183,19 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         """
         specials = [self.config.image_start_token, self.config.image_end_token, self.config.image_token]
         tokenizer.add_tokens(specials, special_tokens=True)
-        old_rows = _weight(self.get_input_embeddings()).shape[0]
+        old_rows = full_shape(_weight(self.get_input_embeddings()))[0]
         new_rows = len(tokenizer)
         if new_rows > old_rows:
             self.language_model.resize_token_embeddings(new_rows, mean_resizing=False)
             matrices = [self.get_input_embeddings(), self.get_output_embeddings()]
             for matrix in {id(m): m for m in matrices if m is not None}.values():
                 weight = _weight(matrix)  # (V, H) for both the embedding and the LM head
-                weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
                 bias = getattr(matrix, "bias", None)
-                if bias is not None:
-                    bias[old_rows:] = bias[:old_rows].float().mean().to(bias.dtype)
-        self.config.get_text_config().vocab_size = _weight(self.get_input_embeddings()).shape[0]
+                with gathered_for_write([weight] + ([bias] if bias is not None else [])):
+                    weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
+                    if bias is not None:
+                        bias[old_rows:] = bias[:old_rows].float().mean().to(bias.dtype)
+        self.config.get_text_config().vocab_size = full_shape(_weight(self.get_input_embeddings()))[0]
         start, end, slot = (token_id(tokenizer, token) for token in specials)
         self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id = start, end, slot
         return [i for i in (start, end, slot) if i >= old_rows]

@@ -11,6 +11,7 @@ folder rebuilds the same encoder offline with `VisionEncoder(config, ...)`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -255,8 +256,23 @@ class VisionEncoder(nn.Module):
 
     # ---- forward
 
+    def _gathered(self) -> contextlib.AbstractContextManager[Any]:
+        """Under DeepSpeed ZeRO-3 a module's own parameters are gathered only when that module is *called*;
+        `forward_intermediates` reads the tower's position / class embeddings directly, so gather the (frozen)
+        tower's partitioned parameters around it. A no-op otherwise."""
+        partitioned = [p for p in self.tower.parameters() if hasattr(p, "ds_id")]
+        if not partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
     def patch_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, Dv, g, g) patch tokens of the chosen block, before the final norm."""
+        with self._gathered():
+            return self._patch_grid(pixel_values)
+
+    def _patch_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.config.backend == "hf":
             out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
             tokens = out.hidden_states[self._block_index + 1]  # hidden_states[0] is the patch embedding
@@ -289,7 +305,7 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, K, Dv). No gradient: the encoder is frozen and its tokens are targets."""
-        dtype = next(self.tower.parameters()).dtype
+        dtype = next(self.tower.parameters()).dtype  # (under ZeRO-3 an empty placeholder, but of the right dtype)
         return self.pool(self.patch_grid(pixel_values.to(dtype)))
 
 

@@ -154,35 +154,96 @@ class VPiTDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
 
+    def encode_next(self) -> dict[str, Any] | None:
+        """Draw the next record of the stream and encode it; None (counted and logged) when it is bad."""
+        position = self.sampler.position  # global position in the mixture stream
+        source, index = next(self.sampler)
+        card = self.cards[source]
+        _, record = self.records[source].get(index)
+        record_id = record.get(card.id_field) if isinstance(record, dict) else None
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            encoded = encode_sample(card.to_sample(index, record), self.processor, self.max_length)
+        except RecordError as err:
+            self.skip_log.skip(card.name, index, None if record_id is None else str(record_id), err, position)
+            return None
+        self.skip_log.ok()
+        encoded["position"] = position
+        return encoded
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Encoded samples; each DataLoader worker takes every `num_workers`-th draw of this rank's stream."""
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        if self.skip_log.path is not None and worker is not None:
-            # Each worker counts its own share; the file is shared (append-only lines).
-            self.skip_log = SkipLog(self.skip_log.path, self.skip_log.max_skip_rate, self.skip_log.min_records)
+        if worker is not None:
+            self._own_skip_log()
         skipped = 0
         sampler = self.sampler
         while True:
-            position = sampler.position  # global position in the mixture stream
-            source, index = next(sampler)
-            local = (position - sampler.rank) // sampler.world_size  # this rank's n-th draw
+            local = (sampler.position - sampler.rank) // sampler.world_size  # this rank's n-th draw
             if local % num_workers != worker_id:
+                next(sampler)
                 continue
-            card = self.cards[source]
-            _, record = self.records[source].get(index)
-            record_id = record.get(card.id_field) if isinstance(record, dict) else None
-            try:
-                if isinstance(record, RecordError):
-                    raise record
-                encoded = encode_sample(card.to_sample(index, record), self.processor, self.max_length)
-            except RecordError as err:
+            encoded = self.encode_next()
+            if encoded is None:
                 skipped += 1
-                self.skip_log.skip(card.name, index, None if record_id is None else str(record_id), err, position)
                 continue
-            self.skip_log.ok()
             encoded["num_skipped"], skipped = skipped, 0
-            encoded["position"] = position
             yield encoded
 
+    def _own_skip_log(self) -> None:
+        """In a worker process: count this worker's share (the file is shared, append-only lines)."""
+        log = self.skip_log
+        self.skip_log = SkipLog(log.path, log.max_skip_rate, log.min_records)
 
-__all__ = ["SkipLog", "SkipRateExceeded", "VPiTDataset"]
+
+class VPiTBatches(IterableDataset):
+    """Collated batches of a `VPiTDataset`, in an order that does not depend on the number of workers.
+
+    Batch k holds the good samples among this rank's draws [k * batch_size, (k + 1) * batch_size) of the mixture
+    stream (bad records are skipped and counted, so a batch can be smaller; a batch with no good sample is not
+    yielded). Worker w of W builds batches k = w, w + W, ...; the DataLoader returns them in k order. The run's
+    data position is therefore one number, the index of the next batch: resuming from `start_batch` continues the
+    stream exactly.
+
+    Use with `DataLoader(batches, batch_size=None, num_workers=...)`.
+    """
+
+    def __init__(self, dataset: VPiTDataset, batch_size: int, collate: Any, start_batch: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.collate = collate
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        dataset = self.dataset
+        if worker is not None:
+            dataset._own_skip_log()
+        sampler = dataset.sampler
+        batch_index = self.start_batch + worker_id
+        while True:
+            state = sampler.state_dict()
+            state["position"] = sampler.rank + batch_index * self.batch_size * sampler.world_size
+            sampler.load_state_dict(state)
+            samples, skipped = [], 0
+            for _ in range(self.batch_size):
+                sample = dataset.encode_next()
+                if sample is None:
+                    skipped += 1
+                else:
+                    samples.append(sample)
+            if samples:
+                batch = self.collate(samples)
+                batch["num_skipped"] = skipped
+                batch["batch_index"] = batch_index
+                yield batch
+            batch_index += num_workers
+
+
+__all__ = ["SkipLog", "SkipRateExceeded", "VPiTBatches", "VPiTDataset"]

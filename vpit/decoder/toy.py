@@ -1,0 +1,197 @@
+"""Decoder components for the toy world (built from configs) and a tiny Stable-Diffusion-layout folder for tests.
+
+Toy world: 32x32 RGB images; a toy `AutoencoderKL` maps them to 8x8x4 latents (two downsamplings) and a ~1 M
+parameter `UNet2DConditionModel` denoises those latents, cross-attending to the projected visual tokens. Pass
+`latent=False` for a pixel-space variant (the UNet denoises 32x32x3 images; no VAE).
+
+Example:
+    >>> pipe = VPiTDecoderPipeline(**toy_decoder_components(vision_hidden_size=48, num_visual_tokens=4))
+    >>> pipe(visual_tokens=torch.randn(1, 4, 48), num_inference_steps=10).images[0].size
+    (32, 32)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
+from .projector import VPiTDecoderProjector
+
+TOY_IMAGE_SIZE = 32
+TOY_LATENT_CHANNELS = 4
+
+
+def toy_vae_config(image_size: int = TOY_IMAGE_SIZE) -> dict[str, Any]:
+    """`AutoencoderKL` kwargs: (B, 3, 32, 32) images <-> (B, 4, 8, 8) latents, ~0.24 M parameters."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [16, 32, 32],
+        "layers_per_block": 1,
+        "latent_channels": TOY_LATENT_CHANNELS,
+        "norm_num_groups": 8,
+        "sample_size": image_size,
+    }
+
+
+def toy_unet_config(
+    cross_attention_dim: int = 64, in_channels: int = TOY_LATENT_CHANNELS, sample_size: int = 8
+) -> dict:
+    """`UNet2DConditionModel` kwargs: a two-level UNet with cross-attention at the 8x8 level, ~1.1 M parameters
+    (at cross_attention_dim 64)."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [48, 64],
+        "layers_per_block": 1,
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    }
+
+
+def toy_scheduler_config() -> dict[str, Any]:
+    """DDIM with Stable Diffusion's training schedule (1000 steps, scaled-linear betas), ε-prediction."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
+
+
+def toy_decoder_components(
+    vision_hidden_size: int,
+    num_visual_tokens: int,
+    cross_attention_dim: int = 64,
+    projector_hidden_size: int = 128,
+    projector_type: str = "mlp",
+    latent: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Randomly initialised toy decoder parts, ready for `VPiTDecoderPipeline(**components)`.
+
+    Args:
+        vision_hidden_size: Dv of the visual tokens.
+        num_visual_tokens: K.
+        cross_attention_dim: D, the UNet's context width.
+        projector_hidden_size: the projector MLP's hidden width.
+        projector_type: 'mlp' or 'query'.
+        latent: True: toy VAE + UNet on 8x8x4 latents; False: UNet on 32x32x3 pixels, no VAE.
+        seed: seeds the initialisation.
+
+    Returns:
+        {'unet', 'scheduler', 'projector', 'vae'} ('vae' is None when `latent` is False), in eval mode, the VAE
+        frozen.
+    """
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**toy_vae_config()) if latent else None
+    unet_config = toy_unet_config(cross_attention_dim)
+    if not latent:
+        unet_config.update(in_channels=3, out_channels=3, sample_size=TOY_IMAGE_SIZE)
+    unet = UNet2DConditionModel(**unet_config)
+    projector = VPiTDecoderProjector(
+        vision_hidden_size=vision_hidden_size,
+        cross_attention_dim=cross_attention_dim,
+        num_visual_tokens=num_visual_tokens,
+        hidden_size=projector_hidden_size,
+        context_length=None,  # trained from scratch: no pretrained context length to match
+        projector_type=projector_type,
+    )
+    for module in (unet, projector, vae):
+        if module is not None:
+            module.eval()  # as `from_pretrained` returns models; training code switches the trainable ones to train()
+    if vae is not None:
+        vae.requires_grad_(False)  # the VAE is frozen in every decoder recipe
+    return {"unet": unet, "scheduler": DDIMScheduler(**toy_scheduler_config()), "projector": projector, "vae": vae}
+
+
+def save_tiny_stable_diffusion(folder: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised, Stable-Diffusion-1.x-layout `StableDiffusionPipeline` (tiny UNet, VAE, CLIP
+    text encoder with a 77-token context, CLIP tokenizer, PNDM scheduler) as a diffusers folder; 16 px images.
+
+    Stands in for `stable-diffusion-v1-5/stable-diffusion-v1-5` where nothing can be downloaded.
+    """
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_pndm import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate([*letters, *(c + "</w>" for c in letters), "<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    components: dict[str, Any] = {  # None for the safety checker is how diffusers documents turning it off
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    pipeline = StableDiffusionPipeline(**components)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+__all__ = [
+    "TOY_IMAGE_SIZE",
+    "save_tiny_stable_diffusion",
+    "toy_decoder_components",
+    "toy_scheduler_config",
+    "toy_unet_config",
+    "toy_vae_config",
+]

@@ -1,0 +1,91 @@
+"""The `bridge` and `vpit` stages: instruction tuning of a VPiT model on a data mixture.
+
+Stage 1, `bridge`: the LLM is frozen; the bridge (and the image-token rows) learn to feed the LLM (captioning /
+VQA data). Stage 2, `vpit`: the LLM (full or LoRA), the bridge and the visual head train on understanding,
+generation and other visual data. The YAML recipe says which; this file reads top to bottom.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from ..training.checkpoint import TrainerState, find_resume_point, load_checkpoint
+from ..training.components import (
+    build_accelerator,
+    build_batches,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
+from ..training.config import DataSection, Recipe
+from ..training.loop import evaluate_losses, finish, train_loop
+
+
+def run(recipe: Recipe) -> Path:
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = build_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(recipe.tracking.project, config=_flat(recipe.to_dict()))
+
+    # Model: assembled from an LLM + encoder, or loaded from the previous stage; LoRA and freezing applied.
+    model, processor = build_model(recipe)
+    lora_base = None
+    if recipe.lora.enabled:  # the merged final model is rebuilt from this base + the adapter
+        lora_base = run_dir / "base"
+        if accelerator.is_main_process and not (lora_base / "config.json").exists():
+            model.get_base_model().save_pretrained(lora_base)  # type: ignore[operator]  # a peft PeftModel
+            processor.save_pretrained(lora_base)
+
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # Resume: model, optimizer, schedule and RNG from the checkpoint; the data position from its trainer state.
+    state = TrainerState()
+    checkpoint = find_resume_point(run_dir, recipe.train.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"[vpit] resumed from {checkpoint} at step {state.step}")
+
+    # Data: each process reads its own shard of the mixture; batches continue where the checkpoint stopped.
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader, _ = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch)
+    evaluate = None
+    if recipe.data.eval_mixture and recipe.train.eval_every:
+        eval_data = _eval_section(recipe)
+        eval_loader, _ = build_batches(eval_data, processor, rank, world, run_dir / "eval")
+        eval_batches = iter(eval_loader)
+        num = max(1, recipe.train.eval_samples // recipe.data.batch_size)
+
+        def evaluate() -> dict[str, float]:
+            return evaluate_losses(accelerator, model, eval_batches, num)
+
+    state = train_loop(accelerator, model, iter(loader), optimizer, scheduler, recipe, run_dir, state, evaluate)
+    final = finish(accelerator, model, processor, recipe, run_dir, state, lora_base)
+    accelerator.end_training()
+    return final
+
+
+def _eval_section(recipe: Recipe) -> DataSection:
+    import dataclasses
+
+    return dataclasses.replace(recipe.data, mixture=recipe.data.eval_mixture, seed=recipe.data.seed + 1, num_workers=0)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Trackers take flat scalar configs."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,28 @@
+"""`python -m vpit.train RECIPE.yaml [section.key=value ...]` — run under `accelerate launch` for several
+processes or DeepSpeed:
+
+    accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml -m vpit.train recipes/vpit.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .training.config import load_recipe
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if args else 2)
+    recipe = load_recipe(args[0], args[1:])
+    from .recipes import instruction_tuning
+
+    return instruction_tuning.run(recipe)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Builders shared by the recipes: accelerator, model, data, optimizer, schedule. Plain functions, explicit inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from ..assembly import assemble
+from ..data.cards import parse_mixture
+from ..data.collator import VPiTCollator
+from ..data.dataset import SkipLog, VPiTBatches, VPiTDataset
+from ..lora import apply_lora
+from ..modeling_vpit import VPiTForCausalLM, full_shape
+from ..processing_vpit import VPiTProcessor
+from .config import DataSection, Recipe
+
+
+def build_accelerator(recipe: Recipe) -> Accelerator:
+    """An Accelerator for the launch configuration in effect (single process, DDP, DeepSpeed ZeRO, multi-node).
+
+    On a machine without CUDA, a distributed launch needs the gloo backend named explicitly: accelerate 1.15
+    otherwise leaves its backend unset under DeepSpeed, initialises torch.distributed through DeepSpeed anyway,
+    and then reports process_index 0 and num_processes 1 on every rank (ranks would all load the same data and
+    all write checkpoints). With the backend named, accelerate reads the real rank and world size.
+    """
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.optim.gradient_accumulation_steps,
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=recipe.tracking.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # We shard the data ourselves (each rank reads its own slice of the mixture), so the DataLoader is not
+        # prepared and DeepSpeed cannot infer "auto" batch sizes from it: fill them in.
+        config = plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+        config["train_batch_size"] = (
+            recipe.data.batch_size * recipe.optim.gradient_accumulation_steps * accelerator.num_processes
+        )
+        if recipe.optim.max_grad_norm is not None:
+            config["gradient_clipping"] = recipe.optim.max_grad_norm
+    return accelerator
+
+
+def build_model(recipe: Recipe) -> tuple[nn.Module, VPiTProcessor]:
+    """Load or assemble the model, wrap it with LoRA when asked, freeze what the recipe freezes."""
+    spec = recipe.model
+    if spec.pretrained is not None:
+        model = VPiTForCausalLM.from_pretrained(
+            spec.pretrained,
+            dtype=getattr(torch, spec.dtype) if spec.dtype else None,
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+        )
+        processor = VPiTProcessor.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
+    else:
+        assert spec.llm is not None  # ModelSection validation guarantees one of the two
+        model, processor = assemble(
+            spec.llm,
+            spec.vision,
+            vision_backend=spec.vision_backend,
+            vision_pretrained=spec.vision_pretrained,
+            feature_layer=spec.feature_layer,
+            dtype=spec.dtype,
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+            num_visual_tokens=spec.num_visual_tokens,
+            pooling=spec.pooling,
+            bridge=spec.bridge,
+            visual_head=spec.visual_head,
+            visual_loss_weight=spec.visual_loss_weight,
+        )
+    if recipe.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.enabled:
+        lora = recipe.lora
+        wrapped = apply_lora(
+            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, not recipe.freeze.new_token_rows
+        )
+        return wrapped, processor
+    freeze(model, recipe)
+    return model, processor
+
+
+def freeze(model: VPiTForCausalLM, recipe: Recipe) -> None:
+    """Apply the recipe's freezing. With a frozen LLM the image-token rows can still train: their gradient is
+    kept and every other row's is zeroed (Adam then leaves those rows exactly unchanged)."""
+    rules = recipe.freeze
+    model.vision_tower.freeze()
+    model.bridge.requires_grad_(not rules.bridge)
+    model.visual_head.requires_grad_(not rules.visual_head)
+    if not rules.llm:
+        return
+    model.language_model.requires_grad_(False)
+    if rules.new_token_rows:
+        return
+    ids = torch.tensor(sorted(set(model._token_ids())))
+    matrices = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    for matrix in matrices.values():
+        weight = matrix.weight
+        assert isinstance(weight, torch.Tensor)
+        if hasattr(weight, "ds_id"):
+            raise ValueError(
+                "freeze.llm with trainable image-token rows masks embedding gradients row by row, which DeepSpeed "
+                "ZeRO-3 (partitioned parameters) does not allow; use ZeRO-2 for the bridge stage (its trainable "
+                "part is small) or set freeze.new_token_rows: true"
+            )
+        weight.requires_grad_(True)
+        rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        rows[ids] = 1
+        weight.register_hook(lambda grad, rows=rows: grad * rows.to(grad.device))
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """AdamW groups: LLM / bridge / visual head learning rates; no weight decay on biases, norms, embeddings."""
+    optim = recipe.optim
+    bridge_lr = optim.bridge_lr if optim.bridge_lr is not None else optim.lr
+    head_lr = optim.visual_head_lr if optim.visual_head_lr is not None else bridge_lr
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    no_decay_modules = {id(m) for m in model.modules() if isinstance(m, nn.Embedding) or "Norm" in type(m).__name__}
+    no_decay_params = {id(p) for m in model.modules() if id(m) in no_decay_modules for p in m.parameters(recurse=False)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        parts = name.split(".")
+        part = "bridge" if "bridge" in parts else "visual_head" if "visual_head" in parts else "llm"
+        decay = len(full_shape(param)) >= 2 and id(param) not in no_decay_params
+        groups.setdefault((part, decay), []).append(param)
+    lrs = {"llm": optim.lr, "bridge": bridge_lr, "visual_head": head_lr}
+    return [
+        {"params": params, "lr": lrs[part], "weight_decay": optim.weight_decay if decay else 0.0, "name": f"{part}"}
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    groups = param_groups(model, recipe)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen (check the recipe's freeze section)")
+    betas = (float(recipe.optim.betas[0]), float(recipe.optim.betas[1]))
+    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> Any:
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[recipe.optim.schedule]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=recipe.optim.warmup_steps, num_training_steps=recipe.train.max_steps
+    )
+
+
+def build_batches(
+    data: DataSection,
+    processor: VPiTProcessor,
+    rank: int,
+    world_size: int,
+    run_dir: Path,
+    start_batch: int = 0,
+    base: Path | None = None,
+) -> tuple[DataLoader, VPiTDataset]:
+    """This rank's DataLoader of collated batches from the recipe's mixture (see `VPiTBatches`)."""
+    entries = parse_mixture(data.mixture)
+    cards = [entry.load(base) for entry in entries]
+    dataset = VPiTDataset(
+        cards,
+        processor,
+        weights=[e.weight for e in entries],
+        caps=[e.cap for e in entries],
+        seed=data.seed,
+        rank=rank,
+        world_size=world_size,
+        max_length=data.max_length,
+        skip_log=SkipLog(run_dir / "skipped.jsonl", data.max_skip_rate, data.min_records_for_skip_rate),
+        use_sample=data.use_sample,
+    )
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # Llama 3: no pad
+    collate = VPiTCollator(
+        int(pad),
+        pack=data.pack,
+        max_length=data.max_length if data.pack else None,
+    )
+    batches = VPiTBatches(dataset, data.batch_size, collate, start_batch=start_batch)
+    loader = DataLoader(batches, batch_size=None, num_workers=data.num_workers, persistent_workers=False)
+    return loader, dataset
+
+
+__all__ = [
+    "build_accelerator",
+    "build_batches",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "freeze",
+    "param_groups",
+]

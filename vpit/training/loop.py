@@ -1,0 +1,203 @@
+"""The optimisation loop and the end of a run, shared by the recipes.
+
+The loop is deliberately small: accumulate, step, log, checkpoint, evaluate. Everything it needs is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.collator import model_inputs
+from ..processing_vpit import VPiTProcessor
+from .checkpoint import TrainerState, save_checkpoint
+from .config import Recipe
+
+LOSS_KEYS = ("loss", "text_loss", "visual_loss")
+
+
+def train_loop(
+    accelerator: Accelerator,
+    model: nn.Module,
+    batches: Iterator[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    recipe: Recipe,
+    run_dir: Path,
+    state: TrainerState,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> TrainerState:
+    """Train until `recipe.train.max_steps` optimizer steps, starting from `state` (0, or a resumed checkpoint).
+
+    Losses are averaged over the micro-batches of a step and over processes before they are logged; every log
+    line is also appended to `state.history` (which goes into checkpoints, the final summary and the loss curve).
+    """
+    train, accumulation = recipe.train, recipe.optim.gradient_accumulation_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = tqdm(
+        total=train.max_steps, initial=state.step, desc=f"{recipe.stage}", disable=not accelerator.is_local_main_process
+    )
+    window = dict.fromkeys(LOSS_KEYS, 0.0)
+    window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+    model.train()
+    while state.step < train.max_steps:
+        for _ in range(accumulation):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                out = model(**model_inputs(batch))
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key in LOSS_KEYS:
+                window[key] += float(getattr(out, key).detach()) / accumulation
+            state.next_batch = int(batch["batch_index"]) + 1
+            state.samples += int(batch["num_samples"])
+            state.skipped += int(batch["num_skipped"])
+            window_samples += int(batch["num_samples"])
+        state.step += 1
+        window_steps += 1
+        progress.update(1)
+        last = state.step == train.max_steps
+        if state.step % train.log_every == 0 or last:
+            local = torch.tensor([window[k] / window_steps for k in LOSS_KEYS] + [window_samples, state.skipped])
+            mean = accelerator.reduce(local.to(accelerator.device), reduction="mean").cpu()
+            total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+            seconds = time.perf_counter() - window_start
+            metrics = {k: float(mean[i]) for i, k in enumerate(LOSS_KEYS)}
+            metrics |= {
+                "lr": float(scheduler.get_last_lr()[0]),
+                "samples_per_s": float(total[3]) / seconds,
+                "skipped": float(total[4]),
+                "step": float(state.step),
+            }
+            accelerator.log(metrics, step=state.step)
+            state.history.append(metrics)
+            progress.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                text=f"{metrics['text_loss']:.4f}",
+                visual=f"{metrics['visual_loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                sps=f"{metrics['samples_per_s']:.1f}",
+                skipped=int(metrics["skipped"]),
+            )
+            window = dict.fromkeys(LOSS_KEYS, 0.0)
+            window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+        if train.checkpoint_every and (state.step % train.checkpoint_every == 0) and not last:
+            save_checkpoint(accelerator, run_dir, state, recipe.to_dict(), train.keep_checkpoints)
+        if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
+            model.eval()
+            results = evaluate()
+            model.train()
+            accelerator.log(results, step=state.step)
+            state.history.append({**results, "step": float(state.step)})
+    progress.close()
+    return state
+
+
+def evaluate_losses(
+    accelerator: Accelerator, model: nn.Module, batches: Iterator[dict[str, Any]], num_batches: int
+) -> dict[str, float]:
+    """Mean held-out losses over `num_batches` batches of every process."""
+    sums = torch.zeros(len(LOSS_KEYS))
+    with torch.no_grad():
+        for _ in range(num_batches):
+            out = model(**model_inputs(next(batches)))
+            sums += torch.tensor([float(getattr(out, k)) for k in LOSS_KEYS])
+    mean = accelerator.reduce((sums / num_batches).to(accelerator.device), reduction="mean").cpu()
+    return {f"eval_{k}": float(mean[i]) for i, k in enumerate(LOSS_KEYS)}
+
+
+def plot_loss_curve(history: list[dict[str, float]], path: Path) -> Path | None:
+    """loss, text_loss and visual_loss against the step, as a PNG (matplotlib, no display needed)."""
+    rows = [h for h in history if "loss" in h]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [h["step"] for h in rows]
+    for key in LOSS_KEYS:
+        ax.plot(steps, [h[key] for h in rows], label=key)
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o--", label="eval_loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def finish(
+    accelerator: Accelerator,
+    model: nn.Module,
+    processor: VPiTProcessor,
+    recipe: Recipe,
+    run_dir: Path,
+    state: TrainerState,
+    lora_base: Path | None = None,
+) -> Path:
+    """Write the final, self-describing model folder (loadable without DeepSpeed or peft), the summary, the loss
+    curve and a model card; push to the Hub when the recipe asks. Returns the final folder.
+
+    Every process takes part (ZeRO-3 gathers the 16-bit weights from all ranks); only the main process writes.
+    """
+    from ..hub import build_model_card, push_folder
+
+    final = run_dir / "final"
+    counts = accelerator.reduce(torch.tensor([state.samples, state.skipped], device=accelerator.device), "sum")
+    samples, skipped = (int(c) for c in counts.cpu())  # over all processes
+    state_dict = accelerator.get_state_dict(model)  # gathered across ranks under ZeRO-3
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if recipe.lora.enabled:
+            from ..lora import load_lora, merge_lora
+
+            assert lora_base is not None, "a LoRA run saves its base model first"
+            unwrapped.save_pretrained(run_dir / "adapter", state_dict=state_dict)
+            merge_lora(load_lora(lora_base, run_dir / "adapter")).save_pretrained(final)
+        else:
+            unwrapped.save_pretrained(final, state_dict=state_dict)
+        processor.save_pretrained(final)
+        metrics = {k: v for k, v in (state.history[-1] if state.history else {}).items() if math.isfinite(v)}
+        summary = {"steps": state.step, "samples": samples, "skipped": skipped, "final": metrics}
+        (final / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
+        plot_loss_curve(state.history, run_dir / "loss_curve.png")
+        card_metrics = {k: round(v, 4) for k, v in metrics.items() if k in LOSS_KEYS}
+        card_metrics |= {"steps": state.step, "skipped records": skipped}
+        repo_id = recipe.hub.repo_id or run_dir.name
+        build_model_card(
+            final, repo_id, license=recipe.hub.license, metrics=card_metrics, training_config=recipe.to_dict()
+        ).save(final / "README.md")
+        if recipe.hub.push and recipe.hub.repo_id:
+            push_folder(final, recipe.hub.repo_id, private=recipe.hub.private)
+        print(
+            f"[vpit] {recipe.stage}: {state.step} steps, {samples} samples, {skipped} records skipped "
+            f"(see {run_dir / 'skipped.jsonl'}); final model in {final}"
+        )
+    accelerator.wait_for_everyone()
+    return final
+
+
+__all__ = ["evaluate_losses", "finish", "plot_loss_curve", "train_loop"]
