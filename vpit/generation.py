@@ -385,6 +385,7 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     image_mask.images_started = open_span.long()
     num_new = torch.zeros(batch, dtype=torch.long, device=device)
+    padded = not bool(attention_mask.all())
 
     sequences = input_ids  # (B, T')
     step_embeds = inputs_embeds  # (B, T, H) for the prefill, then (B, 1, H)
@@ -398,7 +399,8 @@ def generate(
         feed = step_embeds if use_cache else all_embeds
         out = model.language_model(
             inputs_embeds=feed,
-            attention_mask=attention_mask,
+            # An all-ones mask says nothing; leaving it out spares the LLM rebuilding it at every step.
+            attention_mask=attention_mask if padded else None,
             position_ids=positions[:, -feed.shape[1] :],
             past_key_values=cache,
             use_cache=use_cache,
@@ -420,7 +422,7 @@ def generate(
         if bool(visual.any()):
             z_hat = model.predict_visual(h_last)  # (B, Dv)
             bridged = model.bridge(z_hat.to(next_embeds.dtype)).to(next_embeds.dtype)  # (B, H)
-            next_embeds = torch.where(visual[:, None], bridged, next_embeds)
+            next_embeds = torch.where(visual[:, None], bridged, next_embeds)  # (B, H)
             visual_steps.append((step, z_hat))
 
         # The new column is real for every row that was not DONE before this step (an eos token included).
@@ -436,8 +438,10 @@ def generate(
         visual_left = torch.where(started, k, visual_left)
         image_mask.images_started = image_mask.images_started + started.long()
         done = done | (text & torch.isin(tokens, eos))
-        if bool(done.all()):
-            break
+        if bool(done.any()):
+            if bool(done.all()):
+                break
+            padded = True  # finished rows get attention-mask 0 from the next column on
         step_embeds = next_embeds[:, None]  # (B, 1, H)
         if not use_cache:
             all_embeds = torch.cat([all_embeds, step_embeds], dim=1)

@@ -211,7 +211,8 @@ def create_decoder_ema(
 
     Call `ema.step(params)` after each optimizer step; `ema.copy_to(params)` (after `ema.store(params)` to keep
     the raw weights, `ema.restore(params)` to get them back) before sampling or saving. `ema.state_dict()` /
-    `load_state_dict` checkpoint it. Without warm-up the decay of step n is min(decay, (1 + n) / (10 + n)).
+    `load_state_dict` checkpoint it. Without warm-up, the n-th `ema.step` copies the parameters for n = 1, then
+    uses the decay min(decay, n / (9 + n)).
     """
     parameters = [*pipeline.unet.parameters(), *pipeline.projector.parameters()]
     return EMAModel(

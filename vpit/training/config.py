@@ -9,6 +9,7 @@ silently trains with a default). The resolved recipe is written into every check
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,32 +21,43 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str) -> dict[str, str]:
+    """Field metadata: the one-line help of a recipe key."""
+    return {"help": text}
 
 
 @dataclass
 class ModelSection:
     """Where the model comes from: a saved VPiT folder, or an LLM + a vision encoder to assemble."""
 
-    pretrained: str | None = _help("a saved VPiT folder to start from (e.g. the bridge stage's output)", default=None)
-    llm: str | None = _help("Hub id or folder of the causal LLM to assemble with (when not `pretrained`)", default=None)
-    vision: str = _help(
-        "vision encoder: open_clip name / hf-hub: / local-dir:, or an HF id", default="ViT-SO400M-14-SigLIP-384"
+    pretrained: str | None = field(
+        default=None, metadata=_help("a saved VPiT folder to start from (e.g. the bridge stage's output)")
     )
-    vision_backend: str = _help("'open_clip' or 'hf'", default="open_clip")
-    vision_pretrained: str | None = _help("open_clip pretrained tag or weights file", default=None)
-    feature_layer: int = _help("encoder block giving the patch tokens (-1: last, before the final norm)", default=-1)
-    num_visual_tokens: int = _help("K, visual tokens per image (a square)", default=64)
-    pooling: str = _help("'bilinear' or 'avg'", default="bilinear")
-    bridge: str = _help("'linear' or 'mlpNx_gelu'", default="mlp2x_gelu")
-    visual_head: str = _help("'linear' or 'mlp'", default="mlp")
-    visual_loss_weight: float = _help("lambda of the cosine loss", default=1.0)
-    dtype: str | None = _help(
-        "weights dtype: float32 / bfloat16 / float16 (mixed precision is train.mixed_precision)", default=None
+    llm: str | None = field(
+        default=None, metadata=_help("Hub id or folder of the causal LLM to assemble with (when not `pretrained`)")
     )
-    attn_implementation: str = _help("'sdpa', 'eager' or 'flash_attention_2'", default="sdpa")
-    trust_remote_code: bool = _help("allow model code from the Hub (off unless you set it)", default=False)
+    vision: str = field(
+        default="ViT-SO400M-14-SigLIP-384",
+        metadata=_help("vision encoder: open_clip name / hf-hub: / local-dir:, or an HF id"),
+    )
+    vision_backend: str = field(default="open_clip", metadata=_help("'open_clip' or 'hf'"))
+    vision_pretrained: str | None = field(default=None, metadata=_help("open_clip pretrained tag or weights file"))
+    feature_layer: int = field(
+        default=-1, metadata=_help("encoder block giving the patch tokens (-1: last, before the final norm)")
+    )
+    num_visual_tokens: int = field(default=64, metadata=_help("K, visual tokens per image (a square)"))
+    pooling: str = field(default="bilinear", metadata=_help("'bilinear' or 'avg'"))
+    bridge: str = field(default="mlp2x_gelu", metadata=_help("'linear' or 'mlpNx_gelu'"))
+    visual_head: str = field(default="mlp", metadata=_help("'linear' or 'mlp'"))
+    visual_loss_weight: float = field(default=1.0, metadata=_help("lambda of the cosine loss"))
+    dtype: str | None = field(
+        default=None,
+        metadata=_help("weights dtype: float32 / bfloat16 / float16 (mixed precision is train.mixed_precision)"),
+    )
+    attn_implementation: str = field(default="sdpa", metadata=_help("'sdpa', 'eager' or 'flash_attention_2'"))
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
+    )
 
     def __post_init__(self) -> None:
         if (self.pretrained is None) == (self.llm is None):
@@ -56,11 +68,13 @@ class ModelSection:
 class LoraSection:
     """LoRA on the LLM through peft (the bridge, head and image-token rows train in full)."""
 
-    enabled: bool = _help("train LoRA adapters instead of the full LLM", default=False)
-    r: int = _help("rank", default=16)
-    alpha: int = _help("scaling numerator", default=32)
-    dropout: float = _help("dropout on the LoRA input", default=0.05)
-    target_modules: list[str] | None = _help("LLM Linear layer names; all of them when null", default=None)
+    enabled: bool = field(default=False, metadata=_help("train LoRA adapters instead of the full LLM"))
+    r: int = field(default=16, metadata=_help("rank"))
+    alpha: int = field(default=32, metadata=_help("scaling numerator"))
+    dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
+    target_modules: list[str] | None = field(
+        default=None, metadata=_help("LLM Linear layer names; all of them when null")
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
@@ -73,32 +87,41 @@ class LoraSection:
 class FreezeSection:
     """What does not train. The vision encoder never trains."""
 
-    llm: bool = _help(
-        "freeze the LLM (bridge stage); the image-token rows still train unless new_token_rows", default=False
+    llm: bool = field(
+        default=False,
+        metadata=_help("freeze the LLM (bridge stage); the image-token rows still train unless new_token_rows"),
     )
-    new_token_rows: bool = _help("freeze the image-token embedding / LM-head rows too", default=False)
-    bridge: bool = _help("freeze the bridge", default=False)
-    visual_head: bool = _help("freeze the visual head", default=False)
+    new_token_rows: bool = field(default=False, metadata=_help("freeze the image-token embedding / LM-head rows too"))
+    bridge: bool = field(default=False, metadata=_help("freeze the bridge"))
+    visual_head: bool = field(default=False, metadata=_help("freeze the visual head"))
 
 
 @dataclass
 class DataSection:
     """The data mixture and how it is batched."""
 
-    mixture: list[dict[str, Any]] = _help(
-        "cards with weight / cap / location overrides (see data_cards/README.md)", default_factory=list
+    mixture: list[dict[str, Any]] = field(
+        default_factory=list, metadata=_help("cards with weight / cap / location overrides (see data_cards/README.md)")
     )
-    eval_mixture: list[dict[str, Any]] = _help(
-        "held-out cards for periodic evaluation (train.eval_every)", default_factory=list
+    eval_mixture: list[dict[str, Any]] = field(
+        default_factory=list, metadata=_help("held-out cards for periodic evaluation (train.eval_every)")
     )
-    use_sample: bool = _help("train on each card's shipped sample data (smoke tests)", default=False)
-    max_length: int = _help("token limit per sample; cut after the last image span, never through one", default=2048)
-    batch_size: int = _help("samples drawn per batch per process (bad records make a batch smaller)", default=8)
-    pack: bool = _help("pack samples into rows of max_length (position ids restart per sample)", default=False)
-    num_workers: int = _help("DataLoader worker processes per training process", default=2)
-    seed: int = _help("seed of the mixture sampler", default=0)
-    max_skip_rate: float = _help("stop the run when more than this fraction of records is bad", default=0.01)
-    min_records_for_skip_rate: int = _help("records seen before the skip rate is enforced", default=200)
+    use_sample: bool = field(default=False, metadata=_help("train on each card's shipped sample data (smoke tests)"))
+    max_length: int = field(
+        default=2048, metadata=_help("token limit per sample; cut after the last image span, never through one")
+    )
+    batch_size: int = field(
+        default=8, metadata=_help("samples drawn per batch per process (bad records make a batch smaller)")
+    )
+    pack: bool = field(
+        default=False, metadata=_help("pack samples into rows of max_length (position ids restart per sample)")
+    )
+    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes per training process"))
+    seed: int = field(default=0, metadata=_help("seed of the mixture sampler"))
+    max_skip_rate: float = field(
+        default=0.01, metadata=_help("stop the run when more than this fraction of records is bad")
+    )
+    min_records_for_skip_rate: int = field(default=200, metadata=_help("records seen before the skip rate is enforced"))
 
     def __post_init__(self) -> None:
         if not self.mixture:
@@ -111,15 +134,17 @@ class DataSection:
 class OptimSection:
     """AdamW with warm-up and a decay schedule; separate learning rates for the bridge and the head."""
 
-    lr: float = _help("learning rate of the LLM (or its LoRA adapters)", default=2e-5)
-    bridge_lr: float | None = _help("learning rate of the bridge (default: lr)", default=None)
-    visual_head_lr: float | None = _help("learning rate of the visual head (default: bridge_lr, then lr)", default=None)
-    weight_decay: float = _help("AdamW weight decay (not on biases, norms or embeddings)", default=0.0)
-    betas: list[float] = _help("AdamW betas", default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = _help("linear warm-up steps", default=0)
-    schedule: str = _help("'cosine', 'linear' or 'constant' after warm-up", default="cosine")
-    max_grad_norm: float | None = _help("gradient clipping norm (null: none)", default=1.0)
-    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    lr: float = field(default=2e-5, metadata=_help("learning rate of the LLM (or its LoRA adapters)"))
+    bridge_lr: float | None = field(default=None, metadata=_help("learning rate of the bridge (default: lr)"))
+    visual_head_lr: float | None = field(
+        default=None, metadata=_help("learning rate of the visual head (default: bridge_lr, then lr)")
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (not on biases, norms or embeddings)"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
+    warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps"))
+    schedule: str = field(default="cosine", metadata=_help("'cosine', 'linear' or 'constant' after warm-up"))
+    max_grad_norm: float | None = field(default=1.0, metadata=_help("gradient clipping norm (null: none)"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -132,17 +157,27 @@ class OptimSection:
 class TrainSection:
     """Length, precision, checkpoints and logging of the run."""
 
-    output_dir: str = _help("the run folder: checkpoints, logs, skipped.jsonl, the final model", default="outputs/run")
-    max_steps: int = _help("optimizer steps", default=1000)
-    seed: int = _help("seed of model init and dropout", default=0)
-    mixed_precision: str = _help("'no', 'bf16' or 'fp16' (bf16 needs a device that supports it)", default="no")
-    gradient_checkpointing: bool = _help("recompute LLM activations in backward to save memory", default=False)
-    checkpoint_every: int = _help("save a resumable checkpoint every N optimizer steps (0: never)", default=500)
-    keep_checkpoints: int = _help("how many checkpoints to keep (oldest deleted first)", default=2)
-    resume: str | None = _help("'auto' (latest checkpoint in output_dir), a checkpoint folder, or null", default="auto")
-    log_every: int = _help("log losses every N steps", default=10)
-    eval_every: int = _help("evaluate every N steps (0: never)", default=0)
-    eval_samples: int = _help("held-out samples per evaluation", default=32)
+    output_dir: str = field(
+        default="outputs/run", metadata=_help("the run folder: checkpoints, logs, skipped.jsonl, the final model")
+    )
+    max_steps: int = field(default=1000, metadata=_help("optimizer steps"))
+    seed: int = field(default=0, metadata=_help("seed of model init and dropout"))
+    mixed_precision: str = field(
+        default="no", metadata=_help("'no', 'bf16' or 'fp16' (bf16 needs a device that supports it)")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute LLM activations in backward to save memory")
+    )
+    checkpoint_every: int = field(
+        default=500, metadata=_help("save a resumable checkpoint every N optimizer steps (0: never)")
+    )
+    keep_checkpoints: int = field(default=2, metadata=_help("how many checkpoints to keep (oldest deleted first)"))
+    resume: str | None = field(
+        default="auto", metadata=_help("'auto' (latest checkpoint in output_dir), a checkpoint folder, or null")
+    )
+    log_every: int = field(default=10, metadata=_help("log losses every N steps"))
+    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: never)"))
+    eval_samples: int = field(default=32, metadata=_help("held-out samples per evaluation"))
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in PRECISIONS:
@@ -155,20 +190,21 @@ class TrainSection:
 class TrackingSection:
     """Experiment trackers, through accelerate."""
 
-    report_to: list[str] = _help(
-        "trackers: tensorboard (default), wandb, ... or [] for none", default_factory=lambda: ["tensorboard"]
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata=_help("trackers: tensorboard (default), wandb, ... or [] for none"),
     )
-    project: str = _help("tracker project / run group name", default="vpit")
+    project: str = field(default="vpit", metadata=_help("tracker project / run group name"))
 
 
 @dataclass
 class HubSection:
     """Optional upload of the final model (with the recipe and final metrics in the card)."""
 
-    push: bool = _help("push the final folder to the Hub", default=False)
-    repo_id: str | None = _help("target repository", default=None)
-    private: bool = _help("create the repository as private", default=True)
-    license: str | None = _help("licence id for the model card", default=None)
+    push: bool = field(default=False, metadata=_help("push the final folder to the Hub"))
+    repo_id: str | None = field(default=None, metadata=_help("target repository"))
+    private: bool = field(default=True, metadata=_help("create the repository as private"))
+    license: str | None = field(default=None, metadata=_help("licence id for the model card"))
 
     def __post_init__(self) -> None:
         if self.push and not self.repo_id:
@@ -210,14 +246,34 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
+        key = f"{where}.{name}" if where else name
         sub = _SECTIONS.get(name) if cls is Recipe else None
-        kwargs[name] = _build(sub, value, f"{where}.{name}" if where else name) if sub is not None else value
+        kwargs[name] = _build(sub, value, key) if sub is not None else _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a missing required key
         raise ValueError(f"{where or 'recipe'}: {err}") from err
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Numbers as the field declares them: YAML reads `3e-4` as a string and `1` as an int."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None or not ({float, int} & set(allowed)) or isinstance(value, bool):
+        return value
+    if float in allowed and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+    if int in allowed and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    return value
 
 
 _SECTIONS: dict[str, type] = {

@@ -1,0 +1,520 @@
+"""The diffusion autoencoder: projector, pipeline (CFG, save / load, encode -> reconstruct, SD initialisation),
+training loss and its options, EMA, validation grid. Tiny models from configs, seeded; numbers asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import compute_snr
+from PIL import Image, ImageDraw
+
+from vpit.configuration_vpit import VPiTVisionConfig
+from vpit.decoder import (
+    VPiTDecoderPipeline,
+    VPiTDecoderProjector,
+    VPiTVisionEncoderModel,
+    create_decoder_ema,
+    decoder_loss,
+    decoder_trainable_parameters,
+    encode_latents,
+    save_tiny_stable_diffusion,
+    toy_decoder_components,
+    validation_reconstructions,
+)
+from vpit.decoder import pipeline_vpit_decoder as pipeline_module
+
+DV, K = 48, 4  # the tiny open_clip ViT's width; 2 x 2 pooled tokens
+COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 40), (140, 60, 180), (240, 130, 30)]
+
+
+def toy_images(n: int) -> list[Image.Image]:
+    """Toy-world-like 32x32 images: one flat-coloured circle or square on white, at varying places."""
+    images = []
+    for i in range(n):
+        image = Image.new("RGB", (32, 32), "white")
+        draw = ImageDraw.Draw(image)
+        x, y, r = 10 + 6 * (i % 3), 10 + 6 * (i % 2), 6
+        shape = draw.ellipse if i % 2 else draw.rectangle
+        shape([x - r, y - r, x + r, y + r], fill=COLOURS[i % len(COLOURS)])
+        images.append(image)
+    return images
+
+
+def to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """PIL -> (B, 3, H, W) in [-1, 1]."""
+    return torch.stack([torch.tensor(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+
+
+def tokens(batch: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(batch, K, DV, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def toy_pipeline(**kwargs) -> VPiTDecoderPipeline:
+    pipe = VPiTDecoderPipeline(**toy_decoder_components(DV, K, **kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe: VPiTDecoderPipeline, seed: int = 0, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("visual_tokens", tokens(2))
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("output_type", "pt")
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def toy_encoder(tiny_clip) -> VPiTVisionEncoderModel:
+    return VPiTVisionEncoderModel.from_spec(VPiTVisionConfig(model_name=f"local-dir:{tiny_clip}"), K)
+
+
+# --------------------------------------------------------------------------------------------- projector
+
+
+def test_projector_metamorph_sizes_pad_64_tokens_to_77():
+    torch.manual_seed(0)
+    projector = VPiTDecoderProjector(vision_hidden_size=1152, cross_attention_dim=768, num_visual_tokens=64)
+    norms = 2 * 1152 + 2 * 768  # input and output LayerNorm
+    assert sum(p.numel() for p in projector.parameters()) == 1152 * 2048 + 2048 + 2048 * 768 + 768 + norms
+    out = projector(F.normalize(torch.randn(2, 64, 1152), dim=-1))
+    assert out.shape == (2, 77, 768)
+    assert torch.equal(out[:, 64:], torch.zeros(2, 13, 768))  # zero padding
+    # The output LayerNorm (identity affine at init) gives every real token zero mean and unit variance.
+    assert out[:, :64].mean(-1).abs().max() < 1e-5
+    assert torch.allclose(out[:, :64].var(-1, unbiased=False), torch.ones(2, 64), atol=1e-3)
+    assert projector.zero_condition(3).shape == (3, 77, 768) and not projector.zero_condition(3).any()
+
+
+def test_projector_without_context_length_emits_k_tokens():
+    projector = VPiTDecoderProjector(
+        vision_hidden_size=DV, cross_attention_dim=32, num_visual_tokens=K, hidden_size=64, context_length=None
+    )
+    assert projector(tokens(2)).shape == (2, K, 32)
+    assert projector.output_length == K
+
+
+def test_projector_query_variant():
+    torch.manual_seed(0)
+    projector = VPiTDecoderProjector(
+        vision_hidden_size=DV,
+        cross_attention_dim=32,
+        num_visual_tokens=K,
+        hidden_size=64,
+        context_length=77,
+        projector_type="query",
+        num_queries=8,
+        num_attention_heads=4,
+    )
+    z = tokens(2)
+    out = projector(z)
+    assert out.shape == (2, 77, 32)
+    assert out[:, :8].abs().sum() > 0 and torch.equal(out[:, 8:], torch.zeros(2, 69, 32))
+    # Learned positions make the queries see token order: permuting the tokens changes the output.
+    assert not torch.allclose(projector(z.flip(1))[:, :8], out[:, :8], atol=1e-4)
+    # num_queries defaults to the context length.
+    default = VPiTDecoderProjector(
+        vision_hidden_size=DV, cross_attention_dim=32, num_visual_tokens=K, hidden_size=64, projector_type="query"
+    )
+    assert default.num_tokens_out == 77 and default(z).shape == (2, 77, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_visual_tokens": 81, "context_length": 77}, "context_length is 77"),
+        ({"projector_type": "perceiver"}, "projector_type must be one of"),
+        ({"num_queries": 4}, "num_queries only applies"),
+        ({"projector_type": "query", "num_attention_heads": 5}, "must divide cross_attention_dim"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+    ],
+)
+def test_projector_rejects_bad_configs(kwargs, message):
+    base = {"vision_hidden_size": DV, "cross_attention_dim": 32, "num_visual_tokens": K, "hidden_size": 64}
+    with pytest.raises(ValueError, match=message):
+        VPiTDecoderProjector(**{**base, **kwargs})
+
+
+def test_projector_rejects_wrong_token_shape():
+    projector = VPiTDecoderProjector(vision_hidden_size=DV, cross_attention_dim=32, num_visual_tokens=K, hidden_size=64)
+    with pytest.raises(ValueError, match=r"shape \(B, 4, 48\)"):
+        projector(torch.randn(2, 5, DV))
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def test_save_load_through_diffusion_pipeline_gives_identical_images(tmp_path):
+    pipe = toy_pipeline()
+    expected = sample(pipe)
+    assert expected.shape == (2, 3, 32, 32) and expected.min() >= 0 and expected.max() <= 1
+    pipe.save_pretrained(tmp_path)
+
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "VPiTDecoderPipeline"
+    assert index["projector"] == ["vpit.decoder.projector", "VPiTDecoderProjector"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["vision_encoder"] == [None, None]
+    assert (tmp_path / "projector" / "diffusion_pytorch_model.safetensors").is_file()
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: diffusers" in card and "DiffusionPipeline.from_pretrained" in card
+
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is VPiTDecoderPipeline and type(loaded.projector) is VPiTDecoderProjector
+    assert torch.equal(sample(loaded), expected)
+
+
+def test_pixel_space_pipeline_without_vae(tmp_path):
+    pipe = toy_pipeline(latent=False)
+    assert pipe.vae is None and pipe.vae_scale_factor == 1
+    expected = sample(pipe, num_inference_steps=2)
+    assert expected.shape == (2, 3, 32, 32)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vae"] == [None, None]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None and torch.equal(sample(loaded, num_inference_steps=2), expected)
+
+
+def test_seeded_generator_is_deterministic():
+    pipe = toy_pipeline()
+    first, again, other = sample(pipe, seed=0), sample(pipe, seed=0), sample(pipe, seed=1)
+    assert torch.equal(first, again)
+    assert (first - other).abs().mean() > 1e-3
+    many = sample(pipe, num_images_per_condition=3, output_type="np")
+    assert many.shape == (6, 32, 32, 3)
+
+
+def manual_loop(pipe: VPiTDecoderPipeline, z: torch.Tensor, scale: float | None, steps: int = 3) -> torch.Tensor:
+    """The denoising loop written out: ε = ε(∅) + s (ε(c) − ε(∅)) with ∅ all zeros, or ε(c) when scale is None."""
+    cond = pipe.projector(z)
+    latents = torch.randn(z.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = latents * pipe.scheduler.init_noise_sigma
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            conditional = pipe.unet(latents, t, encoder_hidden_states=cond).sample
+            eps = conditional
+            if scale is not None:
+                unconditional = pipe.unet(latents, t, encoder_hidden_states=torch.zeros_like(cond)).sample
+                eps = unconditional + scale * (conditional - unconditional)
+            latents = pipe.scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def test_guidance_scale_one_is_the_conditional_prediction_alone():
+    pipe = toy_pipeline()
+    z = tokens(2)
+    calls: list[torch.Tensor] = []
+    pipe.unet.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
+    latents = sample(pipe, visual_tokens=z, guidance_scale=1.0, output_type="latent")
+    assert len(calls) == 3 and all(c.shape[0] == 2 for c in calls)  # one conditional pass per step, no ∅ branch
+    assert torch.allclose(latents, manual_loop(pipe, z, scale=None), atol=1e-5)
+
+
+def test_guidance_uses_the_zero_condition_as_negative():
+    pipe = toy_pipeline()
+    z = tokens(2)
+    calls: list[torch.Tensor] = []
+    pipe.unet.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
+    guided = sample(pipe, visual_tokens=z, guidance_scale=4.0, output_type="latent")
+    assert len(calls) == 3
+    for context in calls:  # batched [∅, c]: the first half is exactly zero, the second the projected tokens
+        assert context.shape == (4, K, 64)
+        assert torch.equal(context[:2], torch.zeros(2, K, 64))
+        assert torch.allclose(context[2:], pipe.projector(z))
+    assert torch.allclose(guided, manual_loop(pipe, z, scale=4.0), atol=1e-4)
+    unguided = sample(pipe, visual_tokens=z, guidance_scale=1.0, output_type="latent")
+    assert (guided - unguided).abs().mean() > 1e-3  # the scale matters
+
+
+def test_pipeline_rejects_bad_calls():
+    pipe = toy_pipeline()
+    with pytest.raises(ValueError, match="exactly one of visual_tokens"):
+        pipe(num_inference_steps=1)
+    with pytest.raises(ValueError, match="needs a vision encoder"):
+        pipe(image=toy_images(1), num_inference_steps=1)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(visual_tokens=tokens(1), output_type="jpeg")
+    parts = toy_decoder_components(DV, K)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        VPiTDecoderPipeline(
+            **{
+                **parts,
+                "projector": VPiTDecoderProjector(vision_hidden_size=DV, cross_attention_dim=32, num_visual_tokens=K),
+            }
+        )
+
+
+def test_image_to_reconstruction_with_the_vision_encoder(tmp_path, toy_encoder):
+    pipe = VPiTDecoderPipeline(**toy_decoder_components(DV, K), vision_encoder=toy_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    images = toy_images(2)
+    z = pipe.encode_image(images)
+    assert z.shape == (2, K, DV) and torch.allclose(z.norm(dim=-1), torch.ones(2, K), atol=1e-5)
+    from_image = sample(pipe, visual_tokens=None, image=images)
+    assert torch.equal(from_image, sample(pipe, visual_tokens=z))  # image= is encode, then decode
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vision_encoder"] == ["vpit.decoder.vision_encoder", "VPiTVisionEncoderModel"]
+    assert "open_clip" in (tmp_path / "README.md").read_text()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert not any(p.requires_grad for p in loaded.vision_encoder.parameters())  # still frozen after loading
+    assert torch.equal(loaded.encode_image(images), z)
+    assert torch.equal(sample(loaded, visual_tokens=None, image=images), from_image)
+
+
+def test_vision_encoder_wraps_a_vpit_encoder_sharing_weights(toy_encoder):
+    wrapped = VPiTVisionEncoderModel.from_vision_encoder(toy_encoder.encoder)
+    assert wrapped.encoder is toy_encoder.encoder and wrapped.hidden_size == DV
+    assert wrapped.config["num_visual_tokens"] == K
+
+
+# --------------------------------------------------------------------------------------------- SD initialisation
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def test_initialise_from_stable_diffusion_layout(tiny_sd, tmp_path):
+    assert json.loads((tiny_sd / "model_index.json").read_text())["text_encoder"] == ["transformers", "CLIPTextModel"]
+    pipe = VPiTDecoderPipeline.from_text_to_image_pipeline(
+        tiny_sd, vision_hidden_size=DV, num_visual_tokens=K, projector_hidden_size=64
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert set(pipe.components) == {"unet", "scheduler", "projector", "vae", "vision_encoder"}
+    assert not hasattr(pipe, "text_encoder") and not hasattr(pipe, "tokenizer")
+    reference_unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    for name, tensor in reference_unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], tensor), name
+    reference_vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    assert all(torch.equal(pipe.vae.state_dict()[n], t) for n, t in reference_vae.state_dict().items())
+    assert isinstance(pipe.scheduler, PNDMScheduler)
+    # The projector targets the UNet's context: D = 32, padded to the text encoder's 77 positions.
+    assert pipe.projector.config["cross_attention_dim"] == 32 and pipe.projector.output_length == 77
+    assert pipe.config["base_model"] == str(tiny_sd)
+    images = sample(pipe, output_type="np")
+    assert images.shape == (2, 16, 16, 3)
+    pipe.save_pretrained(tmp_path)
+    assert not (tmp_path / "text_encoder").exists() and not (tmp_path / "tokenizer").exists()
+    assert "text_encoder" not in json.loads((tmp_path / "model_index.json").read_text())
+
+
+def test_initialise_rejects_a_folder_without_unet(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(ValueError, match="has no unet or scheduler"):
+        VPiTDecoderPipeline.from_text_to_image_pipeline(tmp_path, vision_hidden_size=DV, num_visual_tokens=K)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_a_short_training_run_lowers_the_loss():
+    pipe = toy_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    images = toy_images(8)
+    z = tokens(8)
+    latents = encode_latents(pipe.vae, to_pixels(images), generator)  # pre-encoded once: the VAE is frozen
+    assert latents.shape == (8, 4, 8, 8)
+    params = decoder_trainable_parameters(pipe)
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    assert len(params) == len(list(pipe.unet.parameters())) + len(list(pipe.projector.parameters()))
+    pipe.unet.train()
+    pipe.projector.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    ema = create_decoder_ema(pipe, decay=0.99)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    losses = []
+    for _ in range(30):
+        out = decoder_loss(
+            pipe.unet, pipe.projector, noise_scheduler, z, latents=latents, condition_dropout=0.1, generator=generator
+        )
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(params)
+        losses.append(out.loss.item())
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    # Measured: first ≈ 0.82, last ≈ 0.20 (seed 0). Require at least a halving.
+    assert last < 0.5 * first, losses
+    assert ema.optimization_step == 30
+
+
+def loss_parts(**kwargs):
+    """decoder_loss on a fixed toy batch with a fixed generator: every option sees the same draws."""
+    torch.manual_seed(0)
+    parts = toy_decoder_components(DV, K)
+    scheduler = DDPMScheduler.from_config(
+        parts["scheduler"].config, prediction_type=kwargs.pop("prediction_type", "epsilon")
+    )
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    kwargs = {"latents": latents, "generator": torch.Generator().manual_seed(2), **kwargs}
+    return decoder_loss(parts["unet"], parts["projector"], scheduler, tokens(4), **kwargs), parts, scheduler
+
+
+def test_min_snr_weighting_changes_the_loss_by_the_min_snr_weights():
+    plain, _, scheduler = loss_parts()
+    weighted, _, _ = loss_parts(snr_gamma=5.0)
+    assert torch.equal(plain.timesteps, weighted.timesteps) and torch.equal(plain.mse, weighted.mse)
+    assert torch.equal(plain.weights, torch.ones(4))
+    snr = compute_snr(scheduler, weighted.timesteps)
+    assert torch.allclose(weighted.weights, torch.clamp(snr, max=5.0) / snr)
+    assert not torch.allclose(weighted.weights, torch.ones(4))
+    assert torch.allclose(weighted.loss, (weighted.per_sample_mse * weighted.weights).mean())
+    assert abs(weighted.loss.item() - plain.loss.item()) > 1e-3
+
+
+def test_v_prediction_and_sample_targets_change_the_loss():
+    epsilon, _, _ = loss_parts()
+    v, _, scheduler = loss_parts(prediction_type="v_prediction")
+    x0, _, _ = loss_parts(prediction_type="sample")
+    assert torch.equal(epsilon.timesteps, v.timesteps)
+    assert len({round(epsilon.loss.item(), 5), round(v.loss.item(), 5), round(x0.loss.item(), 5)}) == 3
+    # With min-SNR, v-prediction divides by SNR + 1 (not SNR).
+    v_weighted, _, _ = loss_parts(prediction_type="v_prediction", snr_gamma=5.0)
+    snr = compute_snr(scheduler, v_weighted.timesteps)
+    assert torch.allclose(v_weighted.weights, torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+def test_noise_offset_changes_the_loss():
+    plain, _, _ = loss_parts()
+    offset, _, _ = loss_parts(noise_offset=0.5)
+    assert abs(offset.loss.item() - plain.loss.item()) > 1e-3
+
+
+def test_condition_dropout_replaces_the_condition_with_zeros():
+    none, parts, _ = loss_parts(condition_dropout=0.0)
+    assert not none.dropped.any()
+    every, parts, _ = loss_parts(condition_dropout=1.0)
+    assert every.dropped.all()
+    every.loss.backward()  # a zero context carries no gradient back to the projector
+    assert all(p.grad is None or not p.grad.any() for p in parts["projector"].parameters())
+    assert any(p.grad is not None and p.grad.any() for p in parts["unet"].parameters())
+
+
+def test_loss_rejects_bad_options():
+    parts = toy_decoder_components(DV, K)
+    with pytest.raises(ValueError, match="differs from the noise scheduler"):
+        decoder_loss(
+            parts["unet"],
+            parts["projector"],
+            parts["scheduler"],
+            tokens(1),
+            latents=torch.randn(1, 4, 8, 8),
+            prediction_type="v_prediction",
+        )
+    with pytest.raises(ValueError, match="exactly one of images"):
+        loss_parts(images=torch.zeros(4, 3, 32, 32))
+    with pytest.raises(ValueError, match="condition_dropout"):
+        loss_parts(condition_dropout=1.5)
+
+
+def test_loss_from_images_encodes_with_the_vae():
+    parts = toy_decoder_components(DV, K)
+    images = to_pixels(toy_images(2))
+    from_images = decoder_loss(
+        parts["unet"],
+        parts["projector"],
+        parts["scheduler"],
+        tokens(2),
+        images=images,
+        vae=parts["vae"],
+        generator=torch.Generator().manual_seed(3),
+    )
+    generator = torch.Generator().manual_seed(3)
+    latents = encode_latents(parts["vae"], images, generator)
+    from_latents = decoder_loss(
+        parts["unet"], parts["projector"], parts["scheduler"], tokens(2), latents=latents, generator=generator
+    )
+    assert torch.allclose(from_images.loss, from_latents.loss)
+
+
+def test_ema_tracks_the_trainable_parameters():
+    pipe = toy_pipeline()
+    params = decoder_trainable_parameters(pipe)
+    ema = create_decoder_ema(pipe, decay=0.9)
+    assert len(ema.shadow_params) == len(params)
+    start = [p.detach().clone() for p in params]
+
+    def train_step() -> None:  # stands in for an optimizer step: every parameter moves by +1
+        with torch.no_grad():
+            for p in params:
+                p.add_(1.0)
+        ema.step(params)
+
+    train_step()
+    assert ema.cur_decay_value == 0.0  # the first step copies
+    assert all(torch.equal(s, p) for s, p in zip(ema.shadow_params, params, strict=True))
+    train_step()
+    decay = ema.cur_decay_value
+    assert decay == pytest.approx(2 / 11)  # min(0.9, n / (9 + n)) at n = 2
+    for shadow, p0, p in zip(ema.shadow_params, start, params, strict=True):
+        assert torch.allclose(shadow, decay * (p0 + 1) + (1 - decay) * (p0 + 2), atol=1e-6)
+        assert torch.allclose(p, p0 + 2)
+    ema.store(params)
+    ema.copy_to(params)
+    assert torch.allclose(params[0], start[0] + 2 - decay, atol=1e-6)
+    ema.restore(params)
+    assert torch.allclose(params[0], start[0] + 2)
+
+
+def test_validation_reconstructions_grid(toy_encoder):
+    pipe = VPiTDecoderPipeline(**toy_decoder_components(DV, K), vision_encoder=toy_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    images = toy_images(3)
+    grid = validation_reconstructions(
+        pipe, images, num_inference_steps=2, num_samples=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert grid.size == (3 * 32, 3 * 32)
+    top_left = np.asarray(grid.crop((0, 0, 32, 32)))
+    assert np.array_equal(top_left, np.asarray(images[0]))  # the first row holds the inputs
+    expected = pipe(
+        image=images,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        num_images_per_condition=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert np.array_equal(np.asarray(grid.crop((32, 64, 64, 96))), np.asarray(expected[3]))  # row 2 = sample 1
+
+
+# --------------------------------------------------------------------------------------------- hub
+
+
+def test_push_to_hub_uploads_the_folder_with_its_model_card(monkeypatch):
+    uploaded: dict[str, object] = {}
+
+    class Repo:
+        repo_id = "someone/toy-decoder"
+
+    def fake_upload_folder(*, repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        uploaded["card"] = (Path(folder_path) / "README.md").read_text()
+        return "https://huggingface.co/someone/toy-decoder/commit/0"
+
+    monkeypatch.setattr(pipeline_module, "create_repo", lambda repo_id, **kwargs: Repo())
+    monkeypatch.setattr(pipeline_module, "upload_folder", fake_upload_folder)
+    url = toy_pipeline().push_to_hub("someone/toy-decoder", license="apache-2.0")
+    assert url.endswith("/commit/0") and uploaded["repo_id"] == "someone/toy-decoder"
+    assert uploaded["files"] == ["README.md", "model_index.json", "projector", "scheduler", "unet", "vae"]
+    card = str(uploaded["card"])
+    assert 'DiffusionPipeline.from_pretrained("someone/toy-decoder")' in card and "license: apache-2.0" in card

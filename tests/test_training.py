@@ -1,0 +1,128 @@
+"""Training through the recipes on tiny backbones: both stages, LoRA, exact resume after SIGKILL, and a kill
+during a checkpoint write."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from training_helpers import ROOT, history, run_training, toy_overrides, train_command
+
+from vpit import VPiTForCausalLM
+from vpit.training.checkpoint import checkpoints, find_resume_point
+
+
+def test_bridge_then_vpit_stage(tiny_llama, tiny_clip, tmp_path):
+    bridge = tmp_path / "bridge"
+    run_training("recipes/toy/bridge.yaml", toy_overrides(tiny_llama, tiny_clip, bridge, **{
+        "train.max_steps": 8, "optim.lr": 0.01, "model.pretrained": "null"}))
+    rows = history(bridge)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["text_loss"] < rows[0]["text_loss"]  # the bridge and image-token rows learn
+    assert all(r["visual_loss"] == 0 for r in rows)  # understanding data only
+    final = bridge / "final"
+    for name in ("config.json", "model.safetensors", "processor_config.json", "recipe.yaml", "README.md"):
+        assert (final / name).is_file(), name
+    assert (bridge / "loss_curve.png").stat().st_size > 1000
+    summary = json.loads((bridge / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["samples"] == 16 and summary["skipped"] == 0
+    # A frozen LLM stays exactly as it was, except the image-token rows.
+    assert not (bridge / "base").exists()  # a LoRA base is saved only for LoRA runs
+    trained = VPiTForCausalLM.from_pretrained(final)
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    layer = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(trained.language_model.state_dict()[layer], original.state_dict()[layer])
+    old = original.get_input_embeddings().weight.shape[0]
+    emb = trained.get_input_embeddings().weight
+    assert torch.equal(emb[:old], original.get_input_embeddings().weight)
+    mean = original.get_input_embeddings().weight.mean(dim=0)
+    assert not torch.allclose(emb[old:], mean.expand(3, -1), atol=1e-6)  # the new rows moved off their mean
+
+    vpit = tmp_path / "vpit"
+    run_training("recipes/toy/vpit.yaml", toy_overrides(tiny_llama, tiny_clip, vpit, **{
+        "model.pretrained": str(final), "model.llm": "null", "train.max_steps": 6}))
+    rows = history(vpit)
+    assert any(r["visual_loss"] > 0 for r in rows)  # generation data trains the head
+    assert VPiTForCausalLM.from_pretrained(vpit / "final").config.num_visual_tokens == 4
+
+
+def test_lora_run_saves_adapter_and_merged_model(tiny_llama, tiny_clip, tmp_path):
+    out = tmp_path / "lora"
+    run_training("recipes/toy/vpit.yaml", toy_overrides(tiny_llama, tiny_clip, out, **{
+        "lora.enabled": "true", "lora.r": 4, "train.max_steps": 4}))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "base" / "config.json").is_file()
+    merged = VPiTForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def _uninterrupted(tiny_llama, tiny_clip, tmp_path, steps):
+    run_dir = tmp_path / "straight"
+    run_training("recipes/toy/vpit.yaml", toy_overrides(tiny_llama, tiny_clip, run_dir, **{"train.max_steps": steps}))
+    return history(run_dir)
+
+
+def _assert_same_curve(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "text_loss", "visual_loss", "lr"):
+            assert abs(x[key] - y[key]) <= 1e-5, (x["step"], key, x[key], y[key])
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reproduce_the_loss_curve(tiny_llama, tiny_clip, tmp_path):
+    steps = 40
+    reference = _uninterrupted(tiny_llama, tiny_clip, tmp_path, steps)
+    run_dir = tmp_path / "killed"
+    overrides = toy_overrides(tiny_llama, tiny_clip, run_dir, **{"train.max_steps": steps})
+    process = subprocess.Popen(train_command("recipes/toy/vpit.yaml", overrides), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint-00000008" / "trainer_state.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (run_dir / "final").exists()
+    resumed_from = find_resume_point(run_dir, "auto")
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) >= 8
+    run_training("recipes/toy/vpit.yaml", overrides)
+    _assert_same_curve(history(run_dir), reference)
+
+
+KILL_DURING_WRITE = """
+import os, signal, sys
+import vpit.training.checkpoint as checkpoint
+real_replace = os.replace
+def replace(src, dst):
+    if str(dst).endswith("checkpoint-00000008"):
+        os.kill(os.getpid(), signal.SIGKILL)  # files written, not yet published
+    real_replace(src, dst)
+checkpoint.os.replace = replace
+from vpit.train import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tiny_llama, tiny_clip, tmp_path):
+    steps = 12
+    reference = _uninterrupted(tiny_llama, tiny_clip, tmp_path, steps)
+    run_dir = tmp_path / "torn"
+    overrides = toy_overrides(tiny_llama, tiny_clip, run_dir, **{"train.max_steps": steps})
+    torn = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(ROOT / "recipes/toy/vpit.yaml"), *overrides],
+                          cwd=ROOT, capture_output=True, timeout=300)
+    assert torn.returncode == -signal.SIGKILL
+    assert (run_dir / ".tmp-checkpoint-00000008").is_dir()  # the half-published write
+    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-00000004"]
+    run_training("recipes/toy/vpit.yaml", overrides)
+    assert not list(run_dir.glob(".tmp-*"))  # cleaned by the next save
+    _assert_same_curve(history(run_dir), reference)
+    assert os.path.isdir(run_dir / "final")
