@@ -242,6 +242,7 @@ class VPiTBatches(IterableDataset):
                 batch = self.collate(samples)
                 batch["num_skipped"] = skipped
                 batch["batch_index"] = batch_index
+                batch["positions"] = [sample["position"] for sample in samples]  # stream positions (bookkeeping)
                 yield batch
             batch_index += num_workers
 
