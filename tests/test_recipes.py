@@ -69,16 +69,24 @@ def test_invalid_recipes(data, message):
 
 
 def test_dotted_overrides_parse_yaml_values():
-    data = apply_overrides(_minimal(), ["optim.lr=3e-4", "train.max_steps=7", "lora.enabled=true",
-                                        "tracking.report_to=[]", "model.vision_pretrained=null"])
+    data = apply_overrides(
+        _minimal(),
+        [
+            "optim.lr=3e-4",
+            "train.max_steps=7",
+            "lora.enabled=true",
+            "tracking.report_to=[]",
+            "model.vision_pretrained=null",
+        ],
+    )
     recipe = recipe_from_dict(data)
     assert (recipe.optim.lr, recipe.train.max_steps, recipe.lora.enabled) == (3e-4, 7, True)
     assert recipe.tracking.report_to == [] and recipe.model.vision_pretrained is None
-    with pytest.raises(ValueError, match="must look like section.key=value"):
+    with pytest.raises(ValueError, match=r"must look like section\.key=value"):
         apply_overrides(_minimal(), ["optim.lr"])
 
 
 def test_numbers_are_coerced_and_checked():
     assert recipe_from_dict(_minimal(optim={"lr": "3e-4", "warmup_steps": "5"})).optim.lr == 3e-4
-    with pytest.raises(ValueError, match="optim.lr must be a number, got 'fast'"):
+    with pytest.raises(ValueError, match=r"optim\.lr must be a number, got 'fast'"):
         recipe_from_dict(_minimal(optim={"lr": "fast"}))

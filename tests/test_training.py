@@ -18,8 +18,12 @@ from vpit.training.checkpoint import checkpoints, find_resume_point
 
 def test_bridge_then_vpit_stage(tiny_llama, tiny_clip, tmp_path):
     bridge = tmp_path / "bridge"
-    run_training("recipes/toy/bridge.yaml", toy_overrides(tiny_llama, tiny_clip, bridge, **{
-        "train.max_steps": 8, "optim.lr": 0.01, "model.pretrained": "null"}))
+    run_training(
+        "recipes/toy/bridge.yaml",
+        toy_overrides(
+            tiny_llama, tiny_clip, bridge, **{"train.max_steps": 8, "optim.lr": 0.01, "model.pretrained": "null"}
+        ),
+    )
     rows = history(bridge)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["text_loss"] < rows[0]["text_loss"]  # the bridge and image-token rows learn
@@ -45,8 +49,12 @@ def test_bridge_then_vpit_stage(tiny_llama, tiny_clip, tmp_path):
     assert not torch.allclose(emb[old:], mean.expand(3, -1), atol=1e-6)  # the new rows moved off their mean
 
     vpit = tmp_path / "vpit"
-    run_training("recipes/toy/vpit.yaml", toy_overrides(tiny_llama, tiny_clip, vpit, **{
-        "model.pretrained": str(final), "model.llm": "null", "train.max_steps": 6}))
+    run_training(
+        "recipes/toy/vpit.yaml",
+        toy_overrides(
+            tiny_llama, tiny_clip, vpit, **{"model.pretrained": str(final), "model.llm": "null", "train.max_steps": 6}
+        ),
+    )
     rows = history(vpit)
     assert any(r["visual_loss"] > 0 for r in rows)  # generation data trains the head
     assert VPiTForCausalLM.from_pretrained(vpit / "final").config.num_visual_tokens == 4
@@ -54,8 +62,10 @@ def test_bridge_then_vpit_stage(tiny_llama, tiny_clip, tmp_path):
 
 def test_lora_run_saves_adapter_and_merged_model(tiny_llama, tiny_clip, tmp_path):
     out = tmp_path / "lora"
-    run_training("recipes/toy/vpit.yaml", toy_overrides(tiny_llama, tiny_clip, out, **{
-        "lora.enabled": "true", "lora.r": 4, "train.max_steps": 4}))
+    run_training(
+        "recipes/toy/vpit.yaml",
+        toy_overrides(tiny_llama, tiny_clip, out, **{"lora.enabled": "true", "lora.r": 4, "train.max_steps": 4}),
+    )
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "base" / "config.json").is_file()
     merged = VPiTForCausalLM.from_pretrained(out / "final")
@@ -81,8 +91,12 @@ def test_sigkill_and_resume_reproduce_the_loss_curve(tiny_llama, tiny_clip, tmp_
     reference = _uninterrupted(tiny_llama, tiny_clip, tmp_path, steps)
     run_dir = tmp_path / "killed"
     overrides = toy_overrides(tiny_llama, tiny_clip, run_dir, **{"train.max_steps": steps})
-    process = subprocess.Popen(train_command("recipes/toy/vpit.yaml", overrides), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_command("recipes/toy/vpit.yaml", overrides),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not (run_dir / "checkpoint-00000008" / "trainer_state.json").exists():
         assert process.poll() is None, "the run ended before it could be killed"
@@ -117,8 +131,12 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tiny_llam
     reference = _uninterrupted(tiny_llama, tiny_clip, tmp_path, steps)
     run_dir = tmp_path / "torn"
     overrides = toy_overrides(tiny_llama, tiny_clip, run_dir, **{"train.max_steps": steps})
-    torn = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(ROOT / "recipes/toy/vpit.yaml"), *overrides],
-                          cwd=ROOT, capture_output=True, timeout=300)
+    torn = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_WRITE, str(ROOT / "recipes/toy/vpit.yaml"), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert torn.returncode == -signal.SIGKILL
     assert (run_dir / ".tmp-checkpoint-00000008").is_dir()  # the half-published write
     assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-00000004"]
