@@ -45,6 +45,13 @@ def _data_validate(args: argparse.Namespace) -> int:
     return 1 if report.num_bad else 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    train_main([args.recipe, *args.overrides])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -69,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dataset", action="append", help="a training dataset id for the card (repeatable)")
     push.add_argument("--tag", action="append", help="an extra tag for the card (repeatable)")
     push.set_defaults(func=_push)
+
+    train = commands.add_parser(
+        "train",
+        help="run a training recipe (same as python -m vpit.train; use `accelerate launch -m vpit.train` for "
+        "several processes)",
+        description="Run RECIPE.yaml with dotted overrides, e.g. `vpit train recipes/toy/vpit.yaml optim.lr=1e-4`.",
+    )
+    train.add_argument("recipe", help="a YAML recipe (see recipes/)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.set_defaults(func=_train)
 
     data = commands.add_parser("data", help="inspect and validate training data")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
