@@ -7,6 +7,7 @@ from PIL import Image
 from transformers import GenerationConfig, TextIteratorStreamer
 from transformers.generation import LogitsProcessor
 
+import vpit
 from vpit.generation import generate, generate_no_cache
 
 K, DV = 4, 48
@@ -111,6 +112,8 @@ def test_cache_no_cache_and_reference_agree_on_a_text_prompt(tiny_vpit):
         assert torch.equal(cached.attention_mask, other.attention_mask)
         assert_same_images(cached.images[0], other.images[0])
     assert len(cached.images[0]) == 1
+    # Decoding runs in inference mode; what comes back are ordinary tensors (usable with autograd, in place).
+    assert not cached.sequences.is_inference() and not cached.images[0][0].is_inference()
 
 
 def test_cache_no_cache_and_reference_agree_on_a_prompt_with_an_image(tiny_vpit):
@@ -136,7 +139,7 @@ def test_cache_no_cache_and_reference_agree_on_a_prompt_with_an_image(tiny_vpit)
 def test_batch_matches_each_row_alone(tiny_vpit):
     model, processor = tiny_vpit
     model.eval()
-    start, end, slot = ids_of(model)
+    start, end, _ = ids_of(model)
     pad = processor.tokenizer.pad_token_id
     texts = ["Describe a large blue square at the top of the image, please.", "<image> Make it blue.", "Draw it."]
     batch = prompts(processor, texts, images=[RED], open_image=[False, True, False])
@@ -149,7 +152,6 @@ def test_batch_matches_each_row_alone(tiny_vpit):
     width = batch["input_ids"].shape[1]
     assert batch["attention_mask"][2, 0] == 0  # left padding
 
-    images_seen = 0
     for row in range(3):
         real = batch["attention_mask"][row].bool()
         alone_ids = batch["input_ids"][row, real][None]
@@ -157,7 +159,6 @@ def test_batch_matches_each_row_alone(tiny_vpit):
         alone = generate(model, alone_ids, pixel_values=alone_pixels, **kwargs)
         assert new_tokens(batched, row, width) == new_tokens(alone, 0, alone_ids.shape[1])
         assert_same_images(batched.images[row], alone.images[0])
-        images_seen += len(alone.images[0])
     assert [len(i) for i in batched.images] == [0, 2, 2]
 
     reference = generate_no_cache(model, **batch, **kwargs)
@@ -196,7 +197,7 @@ def test_tokens_and_visual_tokens_match_a_teacher_forced_forward(tiny_vpit):
     (normalised) head output one position before its slot: generation agrees with the training-time shift."""
     model, processor = tiny_vpit
     model.eval()
-    start, end, slot = ids_of(model)
+    start, _, slot = ids_of(model)
     batch = prompts(processor, ["<image> Move it to the left."], images=[BLUE], open_image=[True])
     out = generate(model, **batch, max_new_tokens=12, max_images_per_row=1)
     sequence = out.sequences
@@ -440,7 +441,21 @@ def test_bad_input_raises_clear_errors(tiny_vpit):
         generate(model, **batch, max_new_tokens=2, eos_token_id=end)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, **batch, max_new_tokens=2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k only shape sampling; pass do_sample=True"):
+        generate(model, **batch, max_new_tokens=2, top_k=5)
     with pytest.raises(ValueError, match="max_images_per_row"):
         generate(model, **batch, max_new_tokens=2, max_images_per_row=-1)
     with pytest.raises(ValueError, match=r"non-empty \(B, T\)"):
         generate(model, batch["input_ids"][0], max_new_tokens=2)
+
+
+def test_model_generate_method_delegates(tiny_vpit):
+    model, processor = tiny_vpit
+    model.eval()
+    ids = processor.tokenizer(["USER: Draw a red circle.\nASSISTANT:"], return_tensors="pt")["input_ids"]
+    start = torch.tensor([[model.config.image_start_token_id]])
+    prompt = torch.cat([ids, start], dim=1)
+    out = model.generate(prompt, max_new_tokens=8)
+    direct = vpit.generate(model, prompt, max_new_tokens=8)
+    assert torch.equal(out.sequences, direct.sequences)
+    assert len(out.images[0]) == 1 and out.images[0][0].shape == (4, 48)

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .assembly import assemble
 from .configuration_vpit import VPiTConfig, VPiTVisionConfig
+from .generation import VPiTGenerationOutput, generate
 from .modeling_vpit import VPiTCausalLMOutput, VPiTForCausalLM
 from .processing_vpit import VPiTProcessor
 from .vision import VisionEncoder
@@ -23,9 +24,11 @@ __all__ = [
     "VPiTCausalLMOutput",
     "VPiTConfig",
     "VPiTForCausalLM",
+    "VPiTGenerationOutput",
     "VPiTProcessor",
     "VPiTVisionConfig",
     "VisionEncoder",
     "__version__",
     "assemble",
+    "generate",
 ]

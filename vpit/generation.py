@@ -15,6 +15,7 @@ State machine, per row (the token in brackets is what the step records in `seque
     DONE    pad, with attention mask 0; the loop ends when every row is DONE or after max_new_tokens steps
 
 A prompt that ends with <image_start> starts its row in VISUAL; the logits of a VISUAL or END step are not used.
+In TEXT the slot token is never sampled, and <image_start> is barred once a row started `max_images_per_row` images.
 h_last is the final hidden state of the newest position, `hidden_states[-1][:, -1]`, i.e. the LM head's input:
 the hidden state one position before a slot predicts that slot's visual token, the shift training uses.
 
@@ -22,7 +23,7 @@ Shapes (letters as in `vpit.configuration_vpit`; N new tokens):
 
     input_ids, attention_mask   (B, T)        left-padded prompts, K image_token_id slots per prompt image
     pixel_values                (I, 3, S, S)  prompt images, row-major in slot order (or visual_tokens (I, K, Dv))
-    per step                    inputs (B, 1, H) -> h_last (B, H), logits (B, V), ẑ (B, Dv)
+    per step                    inputs (B, 1, H) (the prefill: (B, T, H)) -> h_last (B, H), logits (B, V), ẑ (B, Dv)
     sequences, attention_mask   (B, T + N)    prompt, then the new tokens (slots as image_token_id, pad when DONE)
     images                      per row, a list of (K, Dv) tensors, one per generated image, in order
 
@@ -140,14 +141,18 @@ def _resolve_settings(
     )
     if pad is None:
         raise ValueError("no pad_token_id: pass pad_token_id= (e.g. tokenizer.pad_token_id or an eos id)")
-    special = set(model._token_ids())
+    special = set(model.image_token_ids())
     if special & set(eos_ids):
         raise ValueError(f"eos_token_id {list(eos_ids)} must not contain an image token id {sorted(special)}")
 
+    do_sample = bool(pick("do_sample", False))
+    warpers = [name for name in ("temperature", "top_k", "top_p") if explicit.get(name) is not None]
+    if warpers and not do_sample:
+        raise ValueError(f"{', '.join(warpers)} only shape sampling; pass do_sample=True, or leave them out for greedy")
     temperature, top_p, penalty = pick("temperature"), pick("top_p"), pick("repetition_penalty")
     return _Settings(
         max_new_tokens=max_new_tokens,
-        do_sample=bool(pick("do_sample", False)),
+        do_sample=do_sample,
         temperature=None if temperature is None else float(temperature),
         top_k=pick("top_k"),
         top_p=None if top_p is None else float(top_p),
@@ -242,7 +247,7 @@ def _check_prompt(
             "generation needs LEFT-padded prompts (padding before the text, every row ending with a real token); "
             "use tokenizer.padding_side = 'left' or VPiTCollator(padding_side='left')"
         )
-    start_id, end_id, _ = model._token_ids()
+    start_id, end_id, _ = model.image_token_ids()
     columns = torch.arange(input_ids.shape[1], device=device)
     last_start = torch.where(input_ids == start_id, columns, -1).amax(dim=1)  # (B,)
     last_end = torch.where(input_ids == end_id, columns, -1).amax(dim=1)  # (B,)
@@ -281,10 +286,23 @@ def _split_images(
     return images, partial
 
 
+def _ordinary(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return [_ordinary(v) for v in value] if isinstance(value, list) else value
+
+
+def _output(**fields: Any) -> VPiTGenerationOutput:
+    # Decoding runs in inference mode, which costs less per op than no_grad (a step is many small ops). Its tensors
+    # can be neither saved for backward nor updated in place afterwards, so the caller gets ordinary copies.
+    with torch.inference_mode(False):
+        return VPiTGenerationOutput(**{name: _ordinary(value) for name, value in fields.items()})
+
+
 # ------------------------------------------------------------------------------------------------- generate
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: VPiTForCausalLM,
     input_ids: torch.Tensor,
@@ -320,7 +338,8 @@ def generate(
         max_new_tokens: steps to run at most (slots and boundary tokens count); default 256.
         do_sample: sample (with temperature / top_k / top_p) instead of greedy decoding; default False.
         repetition_penalty: transformers' penalty, over the prompt and the new tokens.
-        eos_token_id: one id or several; default the LLM's generation_config, then its config.
+        eos_token_id: one id or several ([]: never stop early); default the LLM's generation_config, then its
+            config.
         pad_token_id: what finished rows emit; default the LLM's, else the first eos id.
         max_images_per_row: bar `<image_start>` from a row once it started this many images (None: no limit).
         logits_processor: extra transformers `LogitsProcessor`s, applied after the repetition penalty and before
@@ -336,7 +355,8 @@ def generate(
 
     Raises:
         ValueError: on right padding, an image-slot count that does not match the images, a prompt ending inside
-            an image span, max_new_tokens < 1, or a streamer with more than one row.
+            an image span, max_new_tokens < 1, an image token among the eos ids, temperature / top_k / top_p
+            without do_sample=True, or a streamer with more than one row.
 
     Example:
         >>> prompt = processor.apply_chat_template([{"role": "user", "content": "Draw a red circle."}],
@@ -364,7 +384,7 @@ def generate(
         raise ValueError(
             f"a streamer takes one row, as transformers' streamers do; got a batch of {input_ids.shape[0]}"
         )
-    start_id, end_id, slot_id = model._token_ids()
+    start_id, end_id, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -453,7 +473,7 @@ def generate(
     for step, z_hat in visual_steps:
         z_all[:, step] = z_hat.to(z_all.dtype)
     images, partial = _split_images(sequences, z_all, prompt_length, slot_id, k)
-    return VPiTGenerationOutput(
+    return _output(
         sequences=sequences,
         attention_mask=attention_mask,
         images=images,
@@ -466,7 +486,7 @@ def generate(
 # --------------------------------------------------------------------------------------- reference (no cache)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_no_cache(
     model: VPiTForCausalLM,
     input_ids: torch.Tensor,
@@ -508,7 +528,7 @@ def generate_no_cache(
         },
     )
     input_ids, attention_mask, _ = _check_prompt(model, input_ids, attention_mask)
-    _, _, slot_id = model._token_ids()
+    _, _, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens
     if pixel_values is not None:
         visual_tokens = model.encode_images(pixel_values)  # (I, K, Dv)
@@ -541,7 +561,7 @@ def generate_no_cache(
     for b, r in enumerate(rows):
         new_ids[b, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
         new_mask[b, : len(r)] = 1
-    return VPiTGenerationOutput(
+    return _output(
         sequences=torch.cat([input_ids, new_ids], dim=1),
         attention_mask=torch.cat([attention_mask, new_mask], dim=1),
         images=images,
@@ -561,7 +581,7 @@ def _reference_row(
 ) -> tuple[list[int], list[torch.Tensor], bool]:
     """One row: (1, T) prompt ids and its K-per-image visual tokens (Dv,) each -> new token ids, generated ẑ
     (Dv,) each, and whether it stopped at eos."""
-    start_id, end_id, slot_id = model._token_ids()
+    start_id, end_id, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens
     embed_tokens = model.get_input_embeddings()
     image_mask = ImageTokenMask(slot_id, start_id, settings.max_images_per_row)

@@ -72,7 +72,7 @@ def apply_lora(
         raise ValueError(f"lora r must be >= 1, got {r}")
     token_indices = None
     if train_image_token_rows:
-        ids = sorted(set(model._token_ids()))
+        ids = sorted(set(model.image_token_ids()))
         token_indices = {_module_name(model, model.get_input_embeddings()): ids}
         output_embeddings = model.get_output_embeddings()
         if output_embeddings is not None and output_embeddings.weight is not model.get_input_embeddings().weight:

@@ -163,7 +163,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.language_model.set_output_embeddings(new_embeddings)
 
-    def _token_ids(self) -> tuple[int, int, int]:
+    def image_token_ids(self) -> tuple[int, int, int]:
+        """(image_start, image_end, image slot) token ids, as looked up in the tokenizer at assembly."""
         start, end, slot = self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id
         if start is None or end is None or slot is None:
             raise ValueError(
@@ -225,7 +226,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         Raises:
             ValueError: when the number of slots is not I * K.
         """
-        _, _, slot_id = self._token_ids()
+        _, _, slot_id = self.image_token_ids()
         embed_tokens = self.get_input_embeddings()
         inputs_embeds = embed_tokens(input_ids)  # (B, T, H)
         slot_mask = input_ids == slot_id  # (B, T)
@@ -259,7 +260,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
 
         Prompt images have their boundary tokens masked (-100); response images keep them as CE targets.
         """
-        start_id, _, slot_id = self._token_ids()
+        start_id, _, slot_id = self.image_token_ids()
         batch, length = input_ids.shape
         is_start = input_ids == start_id
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
@@ -333,7 +334,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         if labels is not None:
             if input_ids is None:
                 raise ValueError("computing the VPiT loss needs input_ids to locate image slots")
-            _, _, slot_id = self._token_ids()
+            _, _, slot_id = self.image_token_ids()
             slot_mask = input_ids == slot_id  # (B, T)
             if bool((labels[slot_mask] != IGNORE_INDEX).any()):
                 raise ValueError(
@@ -364,6 +365,20 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=getattr(outputs, "attentions", None),
         )
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Unified decoding of text and images with a KV cache: see `vpit.generation.generate`.
+
+        Example:
+            >>> batch = processor.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+            >>> out = model.generate(**batch, max_new_tokens=64)
+            >>> out.sequences, out.images   # token ids; per row, the (K, Dv) visual tokens of each image
+        """
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- export / hub
 

@@ -108,7 +108,7 @@ def freeze(model: VPiTForCausalLM, recipe: Recipe) -> None:
     model.language_model.requires_grad_(False)
     if rules.new_token_rows:
         return
-    ids = torch.tensor(sorted(set(model._token_ids())))
+    ids = torch.tensor(sorted(set(model.image_token_ids())))
     matrices = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     for matrix in matrices.values():
         weight = matrix.weight
