@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .assembly import assemble
 from .configuration_vpit import VPiTConfig, VPiTVisionConfig
+from .decoder import VPiTDecoderPipeline, VPiTDecoderProjector, VPiTVisionEncoderModel
 from .generation import VPiTGenerationOutput, generate
 from .modeling_vpit import VPiTCausalLMOutput, VPiTForCausalLM
 from .processing_vpit import VPiTProcessor
@@ -23,10 +24,13 @@ AutoModelForCausalLM.register(VPiTConfig, VPiTForCausalLM, exist_ok=True)
 __all__ = [
     "VPiTCausalLMOutput",
     "VPiTConfig",
+    "VPiTDecoderPipeline",
+    "VPiTDecoderProjector",
     "VPiTForCausalLM",
     "VPiTGenerationOutput",
     "VPiTProcessor",
     "VPiTVisionConfig",
+    "VPiTVisionEncoderModel",
     "VisionEncoder",
     "__version__",
     "assemble",

@@ -39,9 +39,6 @@ from .projector import VPiTDecoderProjector
 from .vision_encoder import VPiTVisionEncoderModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# Components of a text-to-image folder that the decoder keeps; the text encoder, tokenizer, safety checker and
-# feature extractor are dropped (visual tokens replace the text condition).
-_KEPT_COMPONENTS = ("unet", "vae", "scheduler")
 
 
 class VPiTDecoderPipeline(DiffusionPipeline):
@@ -189,9 +186,12 @@ class VPiTDecoderPipeline(DiffusionPipeline):
     ) -> None:
         """Save every component to its subfolder, model_index.json and a README.md model card.
 
-        With `push_to_hub=True`, upload the folder to `repo_id` (default: the folder's name) as well; the keyword
-        arguments `repo_id`, `token`, `private`, `create_pr`, `commit_message`, `license` and `tags` are read.
+        Keyword arguments: `license` and `tags` (for the card); with `push_to_hub=True` the folder is uploaded too,
+        and `repo_id` (default: the folder's name), `token`, `private`, `create_pr` and `commit_message` are read.
         """
+        unknown = set(kwargs) - {"repo_id", "token", "private", "create_pr", "commit_message", "license", "tags"}
+        if unknown:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(unknown)}")
         super().save_pretrained(
             save_directory,
             safe_serialization=safe_serialization,
@@ -204,14 +204,13 @@ class VPiTDecoderPipeline(DiffusionPipeline):
         card.save(os.path.join(save_directory, "README.md"))
         if push_to_hub:
             assert repo_id is not None  # set above when pushing
-            token = kwargs.get("token")
-            repo_id = create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=os.fspath(save_directory),
-                token=token,
-                commit_message=kwargs.get("commit_message") or "Upload VPiTDecoderPipeline",
+            self._upload(
+                save_directory,
+                repo_id,
+                token=kwargs.get("token"),
+                private=kwargs.get("private"),
                 create_pr=kwargs.get("create_pr", False),
+                commit_message=kwargs.get("commit_message"),
             )
 
     def push_to_hub(
@@ -230,7 +229,6 @@ class VPiTDecoderPipeline(DiffusionPipeline):
 
         Returns the URL of the commit.
         """
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(
                 folder,
@@ -240,13 +238,28 @@ class VPiTDecoderPipeline(DiffusionPipeline):
                 license=license,
                 tags=tags,
             )
-            commit = upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                token=token,
-                commit_message=commit_message or "Upload VPiTDecoderPipeline",
-                create_pr=create_pr,
+            return self._upload(
+                folder, repo_id, token=token, private=private, create_pr=create_pr, commit_message=commit_message
             )
+
+    @staticmethod
+    def _upload(
+        folder: str | os.PathLike[str],
+        repo_id: str,
+        token: str | None,
+        private: bool | None,
+        create_pr: bool,
+        commit_message: str | None,
+    ) -> str:
+        """Create the repo if needed and upload `folder` to it; the token goes to huggingface_hub only."""
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        commit = upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(folder),
+            token=token,
+            commit_message=commit_message or "Upload VPiTDecoderPipeline",
+            create_pr=create_pr,
+        )
         return str(commit)
 
     # ------------------------------------------------------------------------------------------ inference

@@ -41,21 +41,33 @@ def toy_vae_config(image_size: int = TOY_IMAGE_SIZE) -> dict[str, Any]:
     }
 
 
-def toy_unet_config(
-    cross_attention_dim: int = 64, in_channels: int = TOY_LATENT_CHANNELS, sample_size: int = 8
-) -> dict:
-    """`UNet2DConditionModel` kwargs: a two-level UNet with cross-attention at the 8x8 level, ~1.1 M parameters
-    (at cross_attention_dim 64)."""
+def toy_unet_config(cross_attention_dim: int = 64, latent: bool = True) -> dict[str, Any]:
+    """`UNet2DConditionModel` kwargs, ~1 M parameters (at cross_attention_dim 64).
+
+    latent: on the toy VAE's 8x8x4 latents, two levels, cross-attention at 8x8 (1.08 M parameters).
+    pixel space (`latent=False`): on 32x32x3 images, three levels, cross-attention only at the 8x8 level, where
+    attention is cheap (1.25 M parameters).
+    """
+    common = {"layers_per_block": 1, "cross_attention_dim": cross_attention_dim, "attention_head_dim": 8}
+    if latent:
+        return {
+            **common,
+            "sample_size": 8,
+            "in_channels": TOY_LATENT_CHANNELS,
+            "out_channels": TOY_LATENT_CHANNELS,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [48, 64],
+            "norm_num_groups": 16,
+        }
     return {
-        "sample_size": sample_size,
-        "in_channels": in_channels,
-        "out_channels": in_channels,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [48, 64],
-        "layers_per_block": 1,
-        "cross_attention_dim": cross_attention_dim,
-        "attention_head_dim": 8,
+        **common,
+        "sample_size": TOY_IMAGE_SIZE,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 48, 64],
         "norm_num_groups": 16,
     }
 
@@ -100,10 +112,7 @@ def toy_decoder_components(
     """
     torch.manual_seed(seed)
     vae = AutoencoderKL(**toy_vae_config()) if latent else None
-    unet_config = toy_unet_config(cross_attention_dim)
-    if not latent:
-        unet_config.update(in_channels=3, out_channels=3, sample_size=TOY_IMAGE_SIZE)
-    unet = UNet2DConditionModel(**unet_config)
+    unet = UNet2DConditionModel(**toy_unet_config(cross_attention_dim, latent=latent))
     projector = VPiTDecoderProjector(
         vision_hidden_size=vision_hidden_size,
         cross_attention_dim=cross_attention_dim,

@@ -7,11 +7,17 @@ generation and other visual data. The YAML recipe says which; this file reads to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image
 
+from ..data.cards import parse_mixture
+from ..processing_vpit import VPiTProcessor
 from ..training.checkpoint import TrainerState, find_resume_point, load_checkpoint
 from ..training.components import (
     build_accelerator,
@@ -21,6 +27,7 @@ from ..training.components import (
     build_scheduler,
 )
 from ..training.config import DataSection, Recipe
+from ..training.evaluation import answer_accuracy, generation_grid, held_out_samples
 from ..training.loop import evaluate_losses, finish, train_loop
 
 
@@ -57,18 +64,48 @@ def run(recipe: Recipe) -> Path:
     loader, _ = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch)
     evaluate = None
     if recipe.data.eval_mixture and recipe.train.eval_every:
-        eval_data = _eval_section(recipe)
-        eval_loader, _ = build_batches(eval_data, processor, rank, world, run_dir / "eval")
-        eval_batches = iter(eval_loader)
-        num = max(1, recipe.train.eval_samples // recipe.data.batch_size)
-
-        def evaluate() -> dict[str, float]:
-            return evaluate_losses(accelerator, model, eval_batches, num)
+        evaluate = _evaluator(accelerator, model, processor, recipe, run_dir)
 
     state = train_loop(accelerator, model, iter(loader), optimizer, scheduler, recipe, run_dir, state, evaluate)
     final = finish(accelerator, model, processor, recipe, run_dir, state, lora_base)
     accelerator.end_training()
     return final
+
+
+def _evaluator(
+    accelerator: Accelerator, model: Any, processor: VPiTProcessor, recipe: Recipe, run_dir: Path
+) -> Callable[[int], dict[str, float]]:
+    """Held-out losses and answer accuracy every `train.eval_every` steps, plus a grid of generated images when
+    `train.eval_decoder` names a decoder."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_rank = max(1, recipe.train.eval_samples // world)
+    eval_loader, _ = build_batches(_eval_section(recipe), processor, rank, world, run_dir / "eval")
+    eval_batches = iter(eval_loader)
+    num_batches = max(1, per_rank // recipe.data.batch_size)
+    cards = [entry.load() for entry in parse_mixture(recipe.data.eval_mixture)]
+    questions = held_out_samples(cards, "understanding", rank, world, per_rank)
+    decoder, prompts = None, []
+    if recipe.train.eval_decoder:
+        from ..decoder import VPiTDecoderPipeline
+
+        decoder = VPiTDecoderPipeline.from_pretrained(recipe.train.eval_decoder)
+        prompts = [s.messages[0]["content"] for s in held_out_samples(cards, "generation", 0, 1, 8)]
+
+    def evaluate(step: int) -> dict[str, float]:
+        results = evaluate_losses(accelerator, model, eval_batches, num_batches)
+        if questions:
+            results |= answer_accuracy(accelerator, model, processor, questions)
+        if decoder is not None and prompts:
+            path = generation_grid(
+                accelerator, model, processor, decoder, prompts, run_dir / "eval" / f"step-{step:08d}.png"
+            )
+            if path is not None:
+                for tracker in accelerator.trackers:
+                    if hasattr(tracker, "log_images"):
+                        tracker.log_images({"generated": [np.asarray(Image.open(path))]}, step=step, dataformats="NHWC")
+        return results
+
+    return evaluate
 
 
 def _eval_section(recipe: Recipe) -> DataSection:

@@ -177,6 +177,10 @@ class TrainSection:
     )
     log_every: int = field(default=10, metadata=_help("log losses every N steps"))
     eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: never)"))
+    eval_decoder: str | None = field(
+        default=None,
+        metadata=_help("a saved VPiT decoder folder: evaluations then also save a grid of generated images"),
+    )
     eval_samples: int = field(default=32, metadata=_help("held-out samples per evaluation"))
 
     def __post_init__(self) -> None:

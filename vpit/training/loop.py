@@ -35,7 +35,7 @@ def train_loop(
     recipe: Recipe,
     run_dir: Path,
     state: TrainerState,
-    evaluate: Callable[[], dict[str, float]] | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainerState:
     """Train until `recipe.train.max_steps` optimizer steps, starting from `state` (0, or a resumed checkpoint).
 
@@ -99,7 +99,7 @@ def train_loop(
             save_checkpoint(accelerator, run_dir, state, recipe.to_dict(), train.keep_checkpoints)
         if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
             model.eval()
-            results = evaluate()
+            results = evaluate(state.step)
             model.train()
             accelerator.log(results, step=state.step)
             state.history.append({**results, "step": float(state.step)})
