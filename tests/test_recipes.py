@@ -16,7 +16,7 @@ LAUNCH = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
 def test_recipes_exist_for_every_stage():
     stages = {load_recipe(p).stage for p in RECIPES}
-    assert stages == {"bridge", "vpit"}
+    assert stages == {"bridge", "vpit", "decoder"}
     assert any("examples" in p.parts for p in RECIPES) and any("toy" in p.parts for p in RECIPES)
 
 
@@ -51,7 +51,7 @@ def _minimal(**sections):
     ("data", "message"),
     [
         (_minimal(optim={"lrr": 1}), r"optim: unknown keys \['lrr'\]"),
-        (_minimal(stage="pretrain"), r"stage must be one of \['bridge', 'vpit'\]"),
+        (_minimal(stage="pretrain"), r"stage must be one of \['bridge', 'vpit', 'decoder'\]"),
         (_minimal(model={"llm": "x", "pretrained": "y"}), "exactly one of `pretrained`"),
         (_minimal(optim={"schedule": "step"}), r"optim.schedule must be one of"),
         (_minimal(train={"mixed_precision": "fp8"}), r"train.mixed_precision must be one of"),

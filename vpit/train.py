@@ -19,6 +19,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(__doc__)
         raise SystemExit(0 if args else 2)
     recipe = load_recipe(args[0], args[1:])
+    if recipe.stage == "decoder":
+        from .recipes import decoder
+
+        return decoder.run(recipe)
     from .recipes import instruction_tuning
 
     return instruction_tuning.run(recipe)

@@ -12,7 +12,7 @@ stream would have to remember every id, and ids legitimately repeat across epoch
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .cards import DataCard
 from .encode import encode_sample
 from .formats import RawRecord
 from .mixture import MixtureSampler
-from .records import RecordError
+from .records import RecordError, Sample
 
 
 class SkipRateExceeded(RuntimeError):
@@ -107,7 +107,9 @@ class VPiTDataset(IterableDataset):
 
     Args:
         cards: the data cards of the mixture.
-        processor: tokenizer + image transform of the model being trained.
+        processor: tokenizer + image transform of the model being trained (samples go through `encode_sample`).
+        encode: instead of a processor, any picklable `Sample -> dict` (e.g. images only, for the decoder); it
+            raises RecordError for a bad sample.
         weights / caps: sampling weight and optional cap per card.
         seed / rank / world_size: the sampler's seed and this process's shard.
         max_length: token limit per sample (cut after the last image span, never through one).
@@ -121,7 +123,7 @@ class VPiTDataset(IterableDataset):
     def __init__(
         self,
         cards: Sequence[DataCard],
-        processor: VPiTProcessor,
+        processor: VPiTProcessor | None = None,
         weights: Sequence[float] | None = None,
         caps: Sequence[int | None] | None = None,
         seed: int = 0,
@@ -130,8 +132,12 @@ class VPiTDataset(IterableDataset):
         max_length: int | None = None,
         skip_log: SkipLog | None = None,
         use_sample: bool = False,
+        encode: Callable[[Sample], dict[str, Any]] | None = None,
     ):
         super().__init__()
+        if (processor is None) == (encode is None):
+            raise ValueError("give a processor (conversations) or an encode function (e.g. images only), not both")
+        self.encode = encode
         self.cards = list(cards)
         self.processor = processor
         self.max_length = max_length
@@ -164,7 +170,12 @@ class VPiTDataset(IterableDataset):
         try:
             if isinstance(record, RecordError):
                 raise record
-            encoded = encode_sample(card.to_sample(index, record), self.processor, self.max_length)
+            sample = card.to_sample(index, record)
+            if self.encode is not None:
+                encoded = self.encode(sample)
+            else:
+                assert self.processor is not None
+                encoded = encode_sample(sample, self.processor, self.max_length)
         except RecordError as err:
             self.skip_log.skip(card.name, index, None if record_id is None else str(record_id), err, position)
             return None

@@ -198,9 +198,45 @@ def build_batches(
     return loader, dataset
 
 
+def _concat_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Image batches for the decoder: every image of every sample, concatenated."""
+    return {
+        "encoder_pixels": torch.cat([s["encoder_pixels"] for s in samples]),
+        "images": torch.cat([s["images"] for s in samples]),
+        "num_samples": sum(len(s["images"]) for s in samples),
+        "num_skipped": 0,
+    }
+
+
+def build_image_batches(
+    data: DataSection,
+    encode: Any,
+    rank: int,
+    world_size: int,
+    run_dir: Path,
+    start_batch: int = 0,
+) -> DataLoader:
+    """Like `build_batches`, for image-only training (the decoder): `encode(sample)` gives its images."""
+    entries = parse_mixture(data.mixture)
+    dataset = VPiTDataset(
+        [entry.load() for entry in entries],
+        weights=[e.weight for e in entries],
+        caps=[e.cap for e in entries],
+        seed=data.seed,
+        rank=rank,
+        world_size=world_size,
+        skip_log=SkipLog(run_dir / "skipped.jsonl", data.max_skip_rate, data.min_records_for_skip_rate),
+        use_sample=data.use_sample,
+        encode=encode,
+    )
+    batches = VPiTBatches(dataset, data.batch_size, _concat_images, start_batch=start_batch)
+    return DataLoader(batches, batch_size=None, num_workers=data.num_workers, persistent_workers=False)
+
+
 __all__ = [
     "build_accelerator",
     "build_batches",
+    "build_image_batches",
     "build_model",
     "build_optimizer",
     "build_scheduler",

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-STAGES = ("bridge", "vpit")
+STAGES = ("bridge", "vpit", "decoder")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -58,10 +58,6 @@ class ModelSection:
     trust_remote_code: bool = field(
         default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
     )
-
-    def __post_init__(self) -> None:
-        if (self.pretrained is None) == (self.llm is None):
-            raise ValueError("model: give exactly one of `pretrained` (a VPiT folder) or `llm` (to assemble)")
 
 
 @dataclass
@@ -216,6 +212,43 @@ class HubSection:
 
 
 @dataclass
+class DecoderSection:
+    """The diffusion decoder stage: what it starts from and how it is trained (stage `decoder`)."""
+
+    init: str = field(
+        default="toy",
+        metadata=_help(
+            "'toy' (small latent UNet + toy VAE from configs), a Stable Diffusion 1.x folder / Hub id (keeps its "
+            "UNet, VAE and scheduler), or a saved VPiT decoder folder to continue"
+        ),
+    )
+    latent: bool = field(default=True, metadata=_help("toy init: latent diffusion (True) or pixel space"))
+    projector_type: str = field(default="mlp", metadata=_help("'mlp' (LayerNorm MLP) or 'query' (cross-attention)"))
+    projector_hidden_size: int = field(default=2048, metadata=_help("projector hidden width (MetaMorph: 2048)"))
+    resolution: int | None = field(default=None, metadata=_help("training image side; default: the UNet's output size"))
+    condition_dropout: float = field(
+        default=0.7, metadata=_help("probability of the zero condition (classifier-free guidance; MetaMorph 0.7-0.8)")
+    )
+    prediction_type: str = field(default="epsilon", metadata=_help("'epsilon', 'v_prediction' or 'sample'"))
+    snr_gamma: float | None = field(default=None, metadata=_help("min-SNR-gamma loss weighting (5.0 usual); null: off"))
+    noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05-0.1 for brighter/darker images)"))
+    ema_decay: float | None = field(default=0.9999, metadata=_help("EMA of UNet + projector; null: no EMA"))
+    validation_images: int = field(default=4, metadata=_help("held-out images in each reconstruction grid"))
+    validation_steps: int = field(default=25, metadata=_help("denoising steps of the reconstruction grid"))
+    guidance_scale: float = field(default=3.0, metadata=_help("guidance scale of the reconstruction grid"))
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"decoder.prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}"
+            )
+        if not 0 <= self.condition_dropout <= 1:
+            raise ValueError(f"decoder.condition_dropout is a probability, got {self.condition_dropout}")
+        if self.projector_type not in ("mlp", "query"):
+            raise ValueError(f"decoder.projector_type must be 'mlp' or 'query', got {self.projector_type!r}")
+
+
+@dataclass
 class Recipe:
     """A whole training run. `stage` picks the recipe: `bridge` (LLM frozen) or `vpit` (full or LoRA)."""
 
@@ -228,10 +261,19 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     hub: HubSection = field(default_factory=HubSection)
+    decoder: DecoderSection = field(default_factory=DecoderSection)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}")
+        if self.stage == "decoder":
+            if self.model.llm is not None:
+                raise ValueError(
+                    "stage 'decoder' needs only a vision encoder: set model.pretrained (a VPiT folder, whose encoder "
+                    "defines the visual tokens) or the model.vision* keys, and model.llm: null"
+                )
+        elif (self.model.pretrained is None) == (self.model.llm is None):
+            raise ValueError("model: give exactly one of `pretrained` (a VPiT folder) or `llm` (to assemble)")
         if self.stage == "bridge" and (not self.freeze.llm or self.lora.enabled):
             raise ValueError("stage 'bridge' trains the bridge with the LLM frozen: set freeze.llm: true, no lora")
 
@@ -289,6 +331,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "tracking": TrackingSection,
     "hub": HubSection,
+    "decoder": DecoderSection,
 }
 
 

@@ -36,64 +36,73 @@ def train_loop(
     run_dir: Path,
     state: TrainerState,
     evaluate: Callable[[int], dict[str, float]] | None = None,
+    compute_loss: Callable[[dict[str, Any], int], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainerState:
     """Train until `recipe.train.max_steps` optimizer steps, starting from `state` (0, or a resumed checkpoint).
 
     Losses are averaged over the micro-batches of a step and over processes before they are logged; every log
     line is also appended to `state.history` (which goes into checkpoints, the final summary and the loss curve).
+
+    `compute_loss(batch, step) -> (loss, named terms)` defaults to the VPiT model's forward (loss, text_loss,
+    visual_loss); `after_step()` runs after each optimizer step (e.g. an EMA update).
     """
+    if compute_loss is None:
+
+        def compute_loss(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            out = model(**model_inputs(batch))
+            return out.loss, {key: getattr(out, key) for key in LOSS_KEYS}
+
     train, accumulation = recipe.train, recipe.optim.gradient_accumulation_steps
     params = [p for p in model.parameters() if p.requires_grad]
     progress = tqdm(
         total=train.max_steps, initial=state.step, desc=f"{recipe.stage}", disable=not accelerator.is_local_main_process
     )
-    window = dict.fromkeys(LOSS_KEYS, 0.0)
+    window: dict[str, float] = {}
     window_steps, window_samples, window_start = 0, 0, time.perf_counter()
     model.train()
     while state.step < train.max_steps:
         for _ in range(accumulation):
             batch = next(batches)
             with accelerator.accumulate(model):
-                out = model(**model_inputs(batch))
-                accelerator.backward(out.loss)
+                loss, terms = compute_loss(batch, state.step)
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key in LOSS_KEYS:
-                window[key] += float(getattr(out, key).detach()) / accumulation
+            for key, value in terms.items():
+                window[key] = window.get(key, 0.0) + float(value.detach()) / accumulation
             state.next_batch = int(batch["batch_index"]) + 1
             state.samples += int(batch["num_samples"])
             state.skipped += int(batch["num_skipped"])
             window_samples += int(batch["num_samples"])
+        if after_step is not None and accelerator.sync_gradients:
+            after_step()
         state.step += 1
         window_steps += 1
         progress.update(1)
         last = state.step == train.max_steps
         if state.step % train.log_every == 0 or last:
-            local = torch.tensor([window[k] / window_steps for k in LOSS_KEYS] + [window_samples, state.skipped])
+            keys = sorted(window)
+            local = torch.tensor([window[k] / window_steps for k in keys] + [window_samples, state.skipped])
             mean = accelerator.reduce(local.to(accelerator.device), reduction="mean").cpu()
             total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
             seconds = time.perf_counter() - window_start
-            metrics = {k: float(mean[i]) for i, k in enumerate(LOSS_KEYS)}
+            metrics = {k: float(mean[i]) for i, k in enumerate(keys)}
             metrics |= {
                 "lr": float(scheduler.get_last_lr()[0]),
-                "samples_per_s": float(total[3]) / seconds,
-                "skipped": float(total[4]),
+                "samples_per_s": float(total[-2]) / seconds,
+                "skipped": float(total[-1]),
                 "step": float(state.step),
             }
             accelerator.log(metrics, step=state.step)
             state.history.append(metrics)
-            progress.set_postfix(
-                loss=f"{metrics['loss']:.4f}",
-                text=f"{metrics['text_loss']:.4f}",
-                visual=f"{metrics['visual_loss']:.4f}",
-                lr=f"{metrics['lr']:.2e}",
-                sps=f"{metrics['samples_per_s']:.1f}",
-                skipped=int(metrics["skipped"]),
-            )
-            window = dict.fromkeys(LOSS_KEYS, 0.0)
+            shown: dict[str, object] = {k.removesuffix("_loss"): f"{metrics[k]:.4f}" for k in keys}
+            shown |= {"lr": f"{metrics['lr']:.2e}", "sps": f"{metrics['samples_per_s']:.1f}"}
+            progress.set_postfix(shown | {"skipped": int(metrics["skipped"])})
+            window = {}
             window_steps, window_samples, window_start = 0, 0, time.perf_counter()
         if train.checkpoint_every and (state.step % train.checkpoint_every == 0) and not last:
             save_checkpoint(accelerator, run_dir, state, recipe.to_dict(), train.keep_checkpoints)
@@ -101,8 +110,9 @@ def train_loop(
             model.eval()
             results = evaluate(state.step)
             model.train()
-            accelerator.log(results, step=state.step)
-            state.history.append({**results, "step": float(state.step)})
+            if results:
+                accelerator.log(results, step=state.step)
+                state.history.append({**results, "step": float(state.step)})
     progress.close()
     return state
 
@@ -132,7 +142,7 @@ def plot_loss_curve(history: list[dict[str, float]], path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = [h["step"] for h in rows]
-    for key in LOSS_KEYS:
+    for key in [k for k in rows[-1] if k == "loss" or k.endswith("_loss") or k == "mse"]:
         ax.plot(steps, [h[key] for h in rows], label=key)
     evals = [h for h in history if "eval_loss" in h]
     if evals:

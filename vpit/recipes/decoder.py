@@ -1,0 +1,257 @@
+"""The `decoder` stage: fine-tune the diffusion autoencoder to turn visual tokens into pixels.
+
+Trained on images alone: image -> frozen vision encoder -> z (B, K, Dv) -> projector -> UNet context; the UNet
+learns to denoise the image (or its VAE latents) under that context, with condition dropout to the all-zero
+context for classifier-free guidance. The VAE and the encoder stay frozen; the projector and the UNet train, with
+an EMA copy. Reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate.utils import set_seed
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from torch import nn
+from torchvision import transforms
+
+from ..data.cards import parse_mixture
+from ..data.records import RecordError, Sample, load_image
+from ..decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel, create_decoder_ema, decoder_loss
+from ..decoder.toy import toy_decoder_components
+from ..decoder.training import validation_reconstructions
+from ..training.checkpoint import TrainerState, find_resume_point, load_checkpoint
+from ..training.components import build_accelerator, build_image_batches, build_scheduler
+from ..training.config import Recipe
+from ..training.evaluation import held_out_samples
+from ..training.loop import plot_loss_curve, train_loop
+
+
+class DecoderTrainable(nn.Module):
+    """The trainable parts in one module, so that DDP / DeepSpeed wrap a single model whose forward is the loss."""
+
+    def __init__(self, pipeline: VPiTDecoderPipeline, noise_scheduler: DDPMScheduler, recipe: Recipe):
+        super().__init__()
+        self.unet = pipeline.unet
+        self.projector = pipeline.projector
+        # Kept out of the module tree: not trained, not wrapped, not saved in checkpoints.
+        self._frozen: dict[str, Any] = {
+            "vae": pipeline.vae,
+            "encoder": pipeline.vision_encoder,
+            "scheduler": noise_scheduler,
+        }
+        self.settings = recipe.decoder
+
+    def forward(self, encoder_pixels: torch.Tensor, images: torch.Tensor, generator: torch.Generator) -> Any:
+        with torch.no_grad():
+            visual_tokens = self._frozen["encoder"](encoder_pixels)  # (B, K, Dv), frozen
+        return decoder_loss(
+            self.unet,
+            self.projector,
+            self._frozen["scheduler"],
+            visual_tokens,
+            images=images,
+            vae=self._frozen["vae"],
+            condition_dropout=self.settings.condition_dropout,
+            prediction_type=self.settings.prediction_type,
+            snr_gamma=self.settings.snr_gamma,
+            noise_offset=self.settings.noise_offset,
+            generator=generator,
+        )
+
+
+def build_decoder(recipe: Recipe) -> VPiTDecoderPipeline:
+    """The pipeline to train: from the toy configs, a Stable Diffusion folder, or a saved decoder; its vision
+    encoder from the VPiT model (`model.pretrained`) or the vision spec (`model.vision*`)."""
+    spec, settings = recipe.model, recipe.decoder
+    if spec.pretrained is not None:
+        from ..modeling_vpit import VPiTForCausalLM
+
+        encoder = VPiTVisionEncoderModel.from_vision_encoder(
+            VPiTForCausalLM.from_pretrained(spec.pretrained).vision_tower
+        )
+    else:
+        from ..configuration_vpit import VPiTVisionConfig
+
+        vision = VPiTVisionConfig(
+            backend=spec.vision_backend,
+            model_name=spec.vision,
+            pretrained=spec.vision_pretrained,
+            feature_layer=spec.feature_layer,
+        )
+        encoder = VPiTVisionEncoderModel.from_spec(vision, spec.num_visual_tokens, pooling=spec.pooling)
+    init = settings.init
+    if init == "toy":
+        parts = toy_decoder_components(
+            encoder.hidden_size,
+            encoder.encoder.num_visual_tokens,
+            projector_hidden_size=min(settings.projector_hidden_size, 256),
+            projector_type=settings.projector_type,
+            latent=settings.latent,
+            seed=recipe.train.seed,
+        )
+        return VPiTDecoderPipeline(**parts, vision_encoder=encoder)
+    if (Path(init) / "model_index.json").is_file() and "VPiTDecoderPipeline" in (
+        Path(init) / "model_index.json"
+    ).read_text():
+        return VPiTDecoderPipeline.from_pretrained(init)
+    return VPiTDecoderPipeline.from_text_to_image_pipeline(
+        init,
+        encoder.hidden_size,
+        encoder.encoder.num_visual_tokens,
+        projector_hidden_size=settings.projector_hidden_size,
+        projector_type=settings.projector_type,
+        vision_encoder=encoder,
+    )
+
+
+class ImageEncoder:
+    """Sample -> its images, twice: for the vision encoder (its own transform) and for the decoder ([-1, 1] at the
+    training resolution). Picklable, for DataLoader workers."""
+
+    def __init__(self, encoder_transform: Any, resolution: int):
+        self.encoder_transform = encoder_transform
+        self.decoder_transform = transforms.Compose(
+            [
+                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(resolution),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),
+            ]
+        )
+
+    def __call__(self, sample: Sample) -> dict[str, Any]:
+        if not sample.images:
+            raise RecordError("bad_record", "the decoder trains on images; this record has none")
+        images = [load_image(image, sample.image_root) for image in sample.images]
+        return {
+            "encoder_pixels": torch.stack([self.encoder_transform(i) for i in images]),
+            "images": torch.stack([self.decoder_transform(i) for i in images]),
+        }
+
+
+def run(recipe: Recipe) -> Path:
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = build_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(recipe.tracking.project)
+
+    # The pipeline: UNet + projector train; VAE and vision encoder frozen. The training noise schedule is DDPM's
+    # with the pipeline scheduler's betas and the recipe's prediction type (which sampling then uses too).
+    pipeline = build_decoder(recipe)
+    settings = recipe.decoder
+    pipeline.scheduler = type(pipeline.scheduler).from_config(
+        pipeline.scheduler.config, prediction_type=settings.prediction_type
+    )
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    resolution = settings.resolution or pipeline.unet.config["sample_size"] * pipeline.vae_scale_factor
+    trainable = DecoderTrainable(pipeline, noise_scheduler, recipe)
+    trainable.unet.train()
+    trainable.projector.train()
+    unet_params = [p for p in trainable.unet.parameters() if p.requires_grad]
+    projector_params = list(trainable.projector.parameters())
+    groups = [
+        {"params": unet_params, "lr": recipe.optim.lr},
+        {"params": projector_params, "lr": recipe.optim.bridge_lr or recipe.optim.lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, recipe)
+    ema = create_decoder_ema(pipeline, decay=settings.ema_decay) if settings.ema_decay is not None else None
+    model, optimizer, scheduler = accelerator.prepare(trainable, optimizer, scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    state = TrainerState()
+    checkpoint = find_resume_point(run_dir, recipe.train.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"[vpit] resumed from {checkpoint} at step {state.step}")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if pipeline.vision_encoder is None:
+        raise ValueError("the decoder stage needs the pipeline's vision encoder (images -> visual tokens)")
+    encode = ImageEncoder(pipeline.vision_encoder.image_transform(), resolution)
+    loader = build_image_batches(recipe.data, encode, rank, world, run_dir, start_batch=state.next_batch)
+    params = unet_params + projector_params
+
+    def compute_loss(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Noise, timesteps and dropout are drawn from (seed, step, rank): a resumed run draws the same ones.
+        generator = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step * 1009 + rank)
+        out = model(batch["encoder_pixels"].to(accelerator.device), batch["images"].to(accelerator.device), generator)
+        return out.loss, {"loss": out.loss, "mse": out.mse}
+
+    def after_step() -> None:
+        if ema is not None:
+            ema.step(params)
+
+    evaluate = None
+    if recipe.train.eval_every:
+        cards = [entry.load() for entry in parse_mixture(recipe.data.eval_mixture or recipe.data.mixture)]
+        held_out = [
+            load_image(s.images[-1], s.image_root)
+            for s in held_out_samples(cards, cards[0].task, 0, 1, settings.validation_images)
+            if s.images
+        ]
+
+        def evaluate(step: int) -> dict[str, float]:
+            if accelerator.is_main_process and held_out:
+                if ema is not None:
+                    ema.store(params)
+                    ema.copy_to(params)
+                grid = validation_reconstructions(
+                    pipeline,
+                    held_out,
+                    settings.validation_steps,
+                    settings.guidance_scale,
+                    generator=torch.Generator().manual_seed(0),
+                )
+                if ema is not None:
+                    ema.restore(params)
+                path = run_dir / "eval" / f"reconstructions-{step:08d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                grid.save(path)
+                for tracker in accelerator.trackers:
+                    if hasattr(tracker, "log_images"):
+                        tracker.log_images({"reconstructions": [np.asarray(grid)]}, step=step, dataformats="NHWC")
+            trainable.unet.train()
+            trainable.projector.train()
+            return {}
+
+    state = train_loop(
+        accelerator,
+        model,
+        iter(loader),
+        optimizer,
+        scheduler,
+        recipe,
+        run_dir,
+        state,
+        evaluate,
+        compute_loss=compute_loss,
+        after_step=after_step,
+    )
+
+    # The final folder: the pipeline with the EMA weights, loadable with DiffusionPipeline.from_pretrained.
+    final = run_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        pipeline.save_pretrained(final)
+        (final / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
+        plot_loss_curve(state.history, run_dir / "loss_curve.png")
+        print(f"[vpit] decoder: {state.step} steps, {state.samples} images; final decoder in {final}")
+    accelerator.end_training()
+    return final
+
+
+__all__ = ["DecoderTrainable", "ImageEncoder", "build_decoder", "run"]
