@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from training_helpers import ROOT, history, run_training, toy_overrides, train_command
 
 from vpit import VPiTForCausalLM
@@ -144,3 +145,35 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tiny_llam
     assert not list(run_dir.glob(".tmp-*"))  # cleaned by the next save
     _assert_same_curve(history(run_dir), reference)
     assert os.path.isdir(run_dir / "final")
+
+
+def test_periodic_evaluation_logs_losses_accuracy_and_image_grids(tiny_llama, tiny_clip, tmp_path):
+    from vpit import VPiTDecoderPipeline, VPiTVisionConfig, VPiTVisionEncoderModel
+    from vpit.decoder import toy_decoder_components
+
+    encoder = VPiTVisionEncoderModel.from_spec(VPiTVisionConfig(model_name=f"local-dir:{tiny_clip}"), 4)
+    decoder = VPiTDecoderPipeline(**toy_decoder_components(encoder.hidden_size, 4), vision_encoder=encoder)
+    decoder.save_pretrained(tmp_path / "decoder")
+    out = tmp_path / "eval-run"
+    run_training(
+        "recipes/toy/vpit.yaml",
+        toy_overrides(
+            tiny_llama,
+            tiny_clip,
+            out,
+            **{
+                "train.max_steps": 4,
+                "train.eval_every": 2,
+                "train.eval_samples": 4,
+                "train.eval_decoder": str(tmp_path / "decoder"),
+                "data.eval_mixture": "[{card: data_cards/toy_understanding.yaml}, {card: data_cards/toy_generation.yaml}]",
+            },
+        ),
+    )
+    evals = [r for r in history(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2.0, 4.0]
+    for row in evals:
+        assert 0.0 <= row["eval_answer_accuracy"] <= 1.0
+        assert row["eval_loss"] > 0
+    grid = Image.open(out / "eval" / "step-00000004.png")
+    assert grid.size == (4 * 32, 2 * 32)  # 8 generation prompts of the toy card sample, 4 per row
