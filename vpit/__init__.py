@@ -12,6 +12,7 @@ from .configuration_vpit import VPiTConfig, VPiTVisionConfig
 from .decoder import VPiTDecoderPipeline, VPiTDecoderProjector, VPiTVisionEncoderModel
 from .generation import VPiTGenerationOutput, generate
 from .modeling_vpit import VPiTCausalLMOutput, VPiTForCausalLM
+from .pipeline import VPiTPipeline, VPiTPipelineOutput
 from .processing_vpit import VPiTProcessor
 from .vision import VisionEncoder
 
@@ -28,6 +29,8 @@ __all__ = [
     "VPiTDecoderProjector",
     "VPiTForCausalLM",
     "VPiTGenerationOutput",
+    "VPiTPipeline",
+    "VPiTPipelineOutput",
     "VPiTProcessor",
     "VPiTVisionConfig",
     "VPiTVisionEncoderModel",

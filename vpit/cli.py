@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pipeline import AnswerOptions, VPiTPipeline
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -52,6 +57,81 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pipeline(args: argparse.Namespace) -> VPiTPipeline:
+    from .pipeline import VPiTPipeline
+
+    return VPiTPipeline.from_pretrained(args.model, decoder=args.decoder, dtype=args.dtype, device=args.device)
+
+
+def _answer_options(args: argparse.Namespace) -> AnswerOptions:
+    """The generation options `vpit generate` and `vpit chat` share (see `vpit.pipeline.AnswerOptions`)."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_images_per_row": args.max_images,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+    }
+
+
+def _generate(args: argparse.Namespace) -> int:
+    pipe = _load_pipeline(args)
+    options: AnswerOptions = {**_answer_options(args), "start_with_image": args.start_with_image}
+    out = pipe(args.prompt, images=args.image, **options)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    answer = folder / "answer.txt"
+    answer.write_text(out.text.strip() + "\n")
+    print(out.text.strip())
+    print(answer)
+    for i, image in enumerate(out.images):
+        path = folder / f"image_{i}.png"
+        image.save(path)
+        print(path)
+    if out.visual_tokens and not out.images:
+        print(f"{len(out.visual_tokens)} image(s) generated but not drawn: pass --decoder", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    pipe = _load_pipeline(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("vpit chat: /help lists the commands, /exit leaves")
+    try:
+        return run_chat(
+            pipe, sys.stdin, sys.stdout, args.out, system=args.system, interactive=interactive, **_answer_options(args)
+        )
+    except KeyboardInterrupt:  # Ctrl-C at the terminal: leave without a traceback
+        print()
+        return 130
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model / --decoder / device and the generation options of `generate` and `chat`."""
+    parser.add_argument("--model", required=True, help="a saved VPiT folder (model + processor)")
+    parser.add_argument("--decoder", default=None, help="a saved VPiTDecoderPipeline folder, to draw the images")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as saved)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (slots count)")
+    parser.add_argument("--max-images", type=int, default=None, help="images per answer at most (default: no limit)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --sample)")
+    parser.add_argument("--steps", type=int, default=50, help="decoder denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="decoder classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=None, help="seeds sampling and the decoder's noise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -86,6 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="a YAML recipe (see recipes/)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.set_defaults(func=_train)
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer one prompt in text and images; write answer.txt and image_0.png, ... to --out",
+        description="Answer PROMPT with a saved VPiT model (chat template applied). Images given with --image are "
+        "placed at the prompt's <image> markers, or in front of it when it has none. Generated images are drawn by "
+        "--decoder and written as image_0.png, image_1.png, ...; the answer (with <image> where each image stands) "
+        "goes to answer.txt. Prints the answer, then the paths written.",
+    )
+    _add_model_arguments(generate)
+    generate.add_argument("--prompt", required=True, help="the user message")
+    generate.add_argument(
+        "--image", nargs="+", action="extend", default=[], help="prompt image file(s), in <image> marker order"
+    )
+    generate.add_argument("--out", required=True, help="folder for answer.txt and the images")
+    generate.add_argument(
+        "--start-with-image", action="store_true", help="start the answer with a generated image (<image_start>)"
+    )
+    generate.set_defaults(func=_generate)
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a saved VPiT model on stdin / stdout (works with piped input)",
+        description="One line is one user message; /image PATH [PATH ...] attaches images to the next message, "
+        "/draw TEXT starts the answer with an image, /reset forgets the conversation, /exit or /quit (or EOF) "
+        "leaves, /help lists the commands. Generated images are saved in --out and their paths printed.",
+    )
+    _add_model_arguments(chat)
+    chat.add_argument("--out", default="vpit-chat", help="folder for the generated images (default: vpit-chat)")
+    chat.add_argument("--system", default=None, help="a system message for the conversation")
+    chat.set_defaults(func=_chat)
 
     data = commands.add_parser("data", help="inspect and validate training data")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
