@@ -25,7 +25,7 @@ from ..data.records import RecordError, Sample, load_image
 from ..decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel, create_decoder_ema, decoder_loss
 from ..decoder.toy import toy_decoder_components
 from ..decoder.training import validation_reconstructions
-from ..training.checkpoint import TrainerState, find_resume_point, load_checkpoint
+from ..training.checkpoint import resume
 from ..training.components import build_accelerator, build_image_batches, build_scheduler
 from ..training.config import Recipe
 from ..training.evaluation import held_out_samples
@@ -169,11 +169,7 @@ def run(recipe: Recipe) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    state = TrainerState()
-    checkpoint = find_resume_point(run_dir, recipe.train.resume)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"[vpit] resumed from {checkpoint} at step {state.step}")
+    state = resume(accelerator, run_dir, recipe.train.resume)
 
     rank, world = accelerator.process_index, accelerator.num_processes
     if pipeline.vision_encoder is None:

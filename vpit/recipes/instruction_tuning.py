@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..data.cards import parse_mixture
 from ..processing_vpit import VPiTProcessor
-from ..training.checkpoint import TrainerState, find_resume_point, load_checkpoint
+from ..training.checkpoint import resume
 from ..training.components import (
     build_accelerator,
     build_batches,
@@ -53,11 +53,7 @@ def run(recipe: Recipe) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # Resume: model, optimizer, schedule and RNG from the checkpoint; the data position from its trainer state.
-    state = TrainerState()
-    checkpoint = find_resume_point(run_dir, recipe.train.resume)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"[vpit] resumed from {checkpoint} at step {state.step}")
+    state = resume(accelerator, run_dir, recipe.train.resume)
 
     # Data: each process reads its own shard of the mixture; batches continue where the checkpoint stopped.
     rank, world = accelerator.process_index, accelerator.num_processes

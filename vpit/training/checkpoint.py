@@ -96,4 +96,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
 
-__all__ = ["TrainerState", "checkpoints", "find_resume_point", "load_checkpoint", "save_checkpoint"]
+def resume(accelerator: Accelerator, run_dir: Path, resume_from: str | None) -> TrainerState:
+    """The state to start from: restored from the checkpoint `resume_from` points at (`auto`: the latest in the
+    run folder), or a fresh one."""
+    checkpoint = find_resume_point(run_dir, resume_from)
+    if checkpoint is None:
+        return TrainerState()
+    state = load_checkpoint(accelerator, checkpoint)
+    accelerator.print(f"[vpit] resumed from {checkpoint} at step {state.step}")
+    return state
+
+
+__all__ = ["TrainerState", "checkpoints", "find_resume_point", "load_checkpoint", "resume", "save_checkpoint"]
