@@ -825,14 +825,6 @@ QUESTIONS: dict[str, tuple[str, Callable[[ToyObject], str]]] = {
     "position": ("Where is the shape?", lambda o: o.where),
     "describe": ("Describe the image.", lambda o: o.caption),
 }
-GENERATION_TEMPLATES = [
-    "Generate an image of {caption}.",
-    "Draw {caption}.",
-    "Create a picture of {caption}.",
-    "Produce an image showing {caption}.",
-    "Can you show me an image of {caption}?",
-    "Make an image of {caption}.",
-]
 
 
 def build_toy_understanding(rng: random.Random) -> None:
