@@ -90,7 +90,7 @@ def build_decoder(recipe: Recipe) -> VPiTDecoderPipeline:
         parts = toy_decoder_components(
             encoder.hidden_size,
             encoder.encoder.num_visual_tokens,
-            projector_hidden_size=min(settings.projector_hidden_size, 256),
+            projector_hidden_size=settings.projector_hidden_size,
             projector_type=settings.projector_type,
             latent=settings.latent,
             seed=recipe.train.seed,
