@@ -1,14 +1,10 @@
 """The `decoder` stage through `python -m vpit.train`: the loss falls, reconstruction grids are written, the final
 folder loads with DiffusionPipeline.from_pretrained, and a resumed run reproduces the uninterrupted loss curve."""
 
-import signal
-import subprocess
-import sys
-
 import pytest
 from diffusers import DiffusionPipeline
 from PIL import Image
-from training_helpers import ROOT, history, run_training
+from training_helpers import history, run_killed_at_publish, run_training
 
 import vpit
 
@@ -48,33 +44,13 @@ def test_decoder_stage_trains_and_saves_a_loadable_pipeline(tiny_clip, tmp_path)
     assert image.size == (32, 32)
 
 
-KILL_AT_SECOND_CHECKPOINT = """
-import os, signal, sys
-import vpit.training.checkpoint as checkpoint
-real_replace = os.replace
-def replace(src, dst):
-    if str(dst).endswith("checkpoint-00000010"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
-checkpoint.os.replace = replace
-from vpit.train import main
-main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_decoder_resume_reproduces_the_loss_curve(tiny_clip, tmp_path):
     straight = tmp_path / "straight"
     run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, straight, **{"train.max_steps": 12}))
     resumed = tmp_path / "resumed"
     overrides = _overrides(tiny_clip, resumed, **{"train.max_steps": 12})
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AT_SECOND_CHECKPOINT, str(ROOT / "recipes/toy/decoder.yaml"), *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL
+    run_killed_at_publish("recipes/toy/decoder.yaml", overrides, "checkpoint-00000010")
     run_training("recipes/toy/decoder.yaml", overrides)  # resumes from checkpoint-00000005
     a, b = history(straight), history(resumed)
     assert [r["step"] for r in b] == list(range(1, 13))

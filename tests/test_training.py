@@ -5,13 +5,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from PIL import Image
-from training_helpers import ROOT, history, run_training, toy_overrides, train_command
+from training_helpers import ROOT, history, run_killed_at_publish, run_training, toy_overrides, train_command
 
 from vpit import VPiTForCausalLM
 from vpit.training.checkpoint import checkpoints, find_resume_point
@@ -112,33 +111,13 @@ def test_sigkill_and_resume_reproduce_the_loss_curve(tiny_llama, tiny_clip, tmp_
     _assert_same_curve(history(run_dir), reference)
 
 
-KILL_DURING_WRITE = """
-import os, signal, sys
-import vpit.training.checkpoint as checkpoint
-real_replace = os.replace
-def replace(src, dst):
-    if str(dst).endswith("checkpoint-00000008"):
-        os.kill(os.getpid(), signal.SIGKILL)  # files written, not yet published
-    real_replace(src, dst)
-checkpoint.os.replace = replace
-from vpit.train import main
-main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tiny_llama, tiny_clip, tmp_path):
     steps = 12
     reference = _uninterrupted(tiny_llama, tiny_clip, tmp_path, steps)
     run_dir = tmp_path / "torn"
     overrides = toy_overrides(tiny_llama, tiny_clip, run_dir, **{"train.max_steps": steps})
-    torn = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_WRITE, str(ROOT / "recipes/toy/vpit.yaml"), *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
-    )
-    assert torn.returncode == -signal.SIGKILL
+    run_killed_at_publish("recipes/toy/vpit.yaml", overrides, "checkpoint-00000008")
     assert (run_dir / ".tmp-checkpoint-00000008").is_dir()  # the half-published write
     assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-00000004"]
     run_training("recipes/toy/vpit.yaml", overrides)

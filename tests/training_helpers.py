@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,31 @@ def run_training(recipe: str, overrides: list[str], timeout: int = 300) -> subpr
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+_KILL_AT_PUBLISH = """
+import os, signal, sys
+import vpit.training.checkpoint as checkpoint
+real_replace = os.replace
+def replace(src, dst):
+    if str(dst).endswith(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # its files are written, it is not yet published
+    real_replace(src, dst)
+checkpoint.os.replace = replace
+from vpit.train import main
+main(sys.argv[2:])
+"""
+
+
+def run_killed_at_publish(recipe: str, overrides: list[str], checkpoint_name: str) -> None:
+    """Run a recipe that SIGKILLs itself while publishing `checkpoint_name` (a kill during a checkpoint write)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_PUBLISH, checkpoint_name, str(ROOT / recipe), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-4000:]
 
 
 def history(run_dir: Path) -> list[dict]:
