@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast lint format typecheck clean lock
+.PHONY: install test test-fast lint format typecheck clean lock demo bench
 
 install: $(STAMP)
 
@@ -33,6 +33,14 @@ test: lint typecheck
 # The suite without the slow and multi-process tests, for the edit-run loop.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not multiprocess"
+
+# The toy world end to end: backbones, bridge, VPiT, decoder, evaluation -> outputs/demo/ (about 15 min on 2 cores).
+demo: install
+	$(BIN)/python -m vpit.toy.demo --out outputs/demo
+
+# Every benchmark, each printing a table and writing benchmarks/results/*.json (about 20 min on 2 cores).
+bench: install
+	$(BIN)/python -m benchmarks
 
 # Regenerate the exact pins from the current environment (after changing pyproject.toml).
 lock: install

@@ -21,6 +21,7 @@ def _overrides(tiny_clip, out, **extra):
         "data.batch_size": 8,
         "data.num_workers": 0,
         "data.use_sample": "true",
+        "decoder.vae": "null",  # a random toy VAE: the trained one is built by `make demo`
         "optim.warmup_steps": 2,
         "tracking.report_to": "[]",
     }

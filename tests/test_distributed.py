@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
+from distributed_probe import TOY_GENERATION_SAMPLE
 
 from vpit import VPiTForCausalLM
 from vpit.data.collator import model_inputs
@@ -71,7 +72,7 @@ def _reference_losses(tiny_llama, tiny_clip, text_card, tmp_path):
             "stage": "vpit",
             "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
             "data": {
-                "mixture": [{"card": str(text_card)}, {"card": "data_cards/toy_generation.yaml"}],
+                "mixture": [{"card": str(text_card)}, TOY_GENERATION_SAMPLE],
                 "batch_size": 1,
                 "num_workers": 0,
                 "max_length": 128,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,40 @@ def _data_validate(args: argparse.Namespace) -> int:
     print(report.summary())
     print(f"report: {path} (+ {path.with_suffix('.summary.json').name})")
     return 1 if report.num_bad else 0
+
+
+def _toy_data(args: argparse.Namespace) -> int:
+    from .toy.world import write_toy_data
+
+    sizes = {"understanding": args.understanding, "generation": args.generation, "editing": args.editing}
+    for kind, path in write_toy_data(args.out, sizes, seed=args.seed, canvas=args.canvas).items():
+        print(f"{kind}: {sizes[kind]} records -> {path}")
+    return 0
+
+
+def _toy_backbones(args: argparse.Namespace) -> int:
+    from .toy.backbones import build_toy_backbones
+
+    metrics = build_toy_backbones(args.out, seed=args.seed, fast=args.fast)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def _eval_toy(args: argparse.Namespace) -> int:
+    from .toy.evaluate import EvalSettings, evaluate_toy, markdown_report
+
+    settings = EvalSettings(
+        questions_per_type=args.questions_per_type,
+        generation_repeats=args.generation_repeats,
+        batch_size=args.batch_size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+    )
+    report = evaluate_toy(args.model, args.decoder, out=args.out, settings=settings)
+    print(markdown_report(report))
+    print(f"written: {Path(args.out) / 'eval_toy.json'}, {Path(args.out) / 'eval_toy.md'} and the grids")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -214,6 +249,51 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-length", type=int, default=None, help="sequence limit for the truncation check")
     check.add_argument("--report", default="validation_report.jsonl", help="where to write the report")
     check.set_defaults(func=_data_validate)
+
+    toy = commands.add_parser("toy", help="the toy world: generate data, pretrain the toy backbones")
+    toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
+    toy_data = toy_commands.add_parser(
+        "data",
+        help="render seeded toy sets (understanding, generation, editing) as JSONL + PNG folders",
+        description="Write OUT/{understanding,generation,editing}/records.jsonl + images/, the sources of the toy "
+        "data cards (data_cards/toy_*.yaml read outputs/toy/data).",
+    )
+    toy_data.add_argument("--out", default="outputs/toy/data", help="root folder (default: outputs/toy/data)")
+    toy_data.add_argument("--understanding", type=int, default=6000, help="understanding records")
+    toy_data.add_argument("--generation", type=int, default=6000, help="generation records")
+    toy_data.add_argument("--editing", type=int, default=2000, help="editing records")
+    toy_data.add_argument("--seed", type=int, default=0)
+    toy_data.add_argument("--canvas", type=int, default=64, help="image side in pixels (default 64)")
+    toy_data.set_defaults(func=_toy_data)
+    toy_backbones = toy_commands.add_parser(
+        "backbones",
+        help="build and pretrain the toy CLIP, tokenizer + Llama and VAE",
+        description="Write OUT/clip (open_clip local-dir), OUT/llm (transformers) and OUT/vae (diffusers).",
+    )
+    toy_backbones.add_argument("--out", default="outputs/toy/backbones")
+    toy_backbones.add_argument("--seed", type=int, default=0)
+    toy_backbones.add_argument("--fast", action="store_true", help="a few steps each (smoke test)")
+    toy_backbones.set_defaults(func=_toy_backbones)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    eval_toy = eval_commands.add_parser(
+        "toy",
+        help="understanding, generation and reconstruction accuracy on the toy world (pixel judge)",
+        description="Score a VPiT model and its decoder on fresh toy renders: understanding per question type, "
+        "generation per attribute and all four right (in-distribution and held-out compositions), "
+        "reconstruction. Writes eval_toy.json, eval_toy.md and two image grids to --out.",
+    )
+    eval_toy.add_argument("--model", required=True, help="a VPiT folder (e.g. outputs/demo/model)")
+    eval_toy.add_argument("--decoder", required=True, help="a decoder folder (e.g. outputs/demo/decoder)")
+    eval_toy.add_argument("--out", default="eval_toy", help="folder for the report and grids")
+    eval_toy.add_argument("--questions-per-type", type=int, default=60)
+    eval_toy.add_argument("--generation-repeats", type=int, default=1, help="renders per composition")
+    eval_toy.add_argument("--batch-size", type=int, default=32)
+    eval_toy.add_argument("--steps", type=int, default=25, help="decoder denoising steps")
+    eval_toy.add_argument("--guidance-scale", type=float, default=3.0)
+    eval_toy.add_argument("--seed", type=int, default=1234)
+    eval_toy.set_defaults(func=_eval_toy)
     return parser
 
 

@@ -24,11 +24,13 @@ import math
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from vpit.toy.world import QUESTIONS as WORLD_QUESTIONS
+from vpit.toy.world import ToyObject, jittered, render
 
 HERE = Path(__file__).resolve().parent
 SEED = 20241218  # MetaMorph's arXiv date; any fixed number would do
@@ -731,99 +733,10 @@ def build_ssv2() -> None:
 
 # --------------------------------------------------------------------------------------------- toy world
 
-# DESIGN.md, "The toy world": exact and binding.
-CANVAS = 64
-PALETTE: dict[str, Colour] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 130, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-CIRCUMRADIUS = {"small": 8, "large": 14}  # px at 64x64
-POSITIONS: dict[str, tuple[tuple[float, float], str]] = {
-    "left": ((0.25, 0.5), "on the left"),
-    "right": ((0.75, 0.5), "on the right"),
-    "top": ((0.5, 0.25), "at the top"),
-    "bottom": ((0.5, 0.75), "at the bottom"),
-    "center": ((0.5, 0.5), "in the center"),
-}
-JITTER = 0.04
-HELD_OUT = {("purple", "triangle"), ("orange", "square"), ("green", "circle")}
-
-
-@dataclass(frozen=True)
-class ToyObject:
-    size: str
-    colour: str
-    shape: str
-    position: str
-    dx: float  # jitter, as a fraction of the canvas, |dx| <= JITTER
-    dy: float
-
-    @property
-    def where(self) -> str:
-        return POSITIONS[self.position][1]
-
-    @property
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} {self.where}"
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        (fx, fy), _ = POSITIONS[self.position]
-        return (fx + self.dx, fy + self.dy)
-
-    @property
-    def held_out(self) -> bool:
-        return (self.colour, self.shape) in HELD_OUT
-
-    def meta(self) -> dict[str, Any]:
-        cx, cy = self.centre
-        return {
-            "caption": self.caption,
-            "size": self.size,
-            "colour": self.colour,
-            "shape": self.shape,
-            "position": self.position,
-            "centre": [round(cx, 4), round(cy, 4)],
-        }
-
-
-def toy_object(rng: random.Random, size: str, colour: str, shape: str, position: str) -> ToyObject:
-    assert size in CIRCUMRADIUS and colour in PALETTE and shape in SHAPES and position in POSITIONS
-    dx = round(rng.uniform(-JITTER, JITTER), 4)
-    dy = round(rng.uniform(-JITTER, JITTER), 4)
-    return ToyObject(size, colour, shape, position, dx, dy)
-
-
-def render_toy(obj: ToyObject, canvas: int = CANVAS) -> Image.Image:
-    """One flat-filled object on a white canvas; every length scales with canvas / 64."""
-    image = Image.new("RGB", (canvas, canvas), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    cx, cy = (v * canvas for v in obj.centre)
-    r = CIRCUMRADIUS[obj.size] * canvas / 64
-    fill = PALETTE[obj.colour]
-    if obj.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif obj.shape == "square":  # axis-aligned, its corners on the circumcircle
-        half = r / math.sqrt(2)
-        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    else:  # upright equilateral triangle: apex up, centroid at the centre
-        draw.polygon(
-            [(cx, cy - r), (cx + r * math.sqrt(3) / 2, cy + r / 2), (cx - r * math.sqrt(3) / 2, cy + r / 2)], fill=fill
-        )
-    return image
-
-
+# DESIGN.md, "The toy world": the grammar and renderer live in vpit.toy.world; the samples use the first phrasing
+# of each question so the shipped records stay stable.
 QUESTIONS: dict[str, tuple[str, Callable[[ToyObject], str]]] = {
-    "colour": ("What colour is the shape?", lambda o: o.colour),
-    "shape": ("What shape is it?", lambda o: o.shape),
-    "size": ("Is it small or large?", lambda o: o.size),
-    "position": ("Where is the shape?", lambda o: o.where),
-    "describe": ("Describe the image.", lambda o: o.caption),
+    kind: (phrasings[0], answer) for kind, (phrasings, answer) in WORLD_QUESTIONS.items()
 }
 
 
@@ -841,8 +754,8 @@ def build_toy_understanding(rng: random.Random) -> None:
     ]
     records = []
     for i, (attributes, kinds, style) in enumerate(plan):
-        obj = toy_object(rng, *attributes)
-        image = save(render_toy(obj), folder, f"und_{i:04d}.png")
+        obj = jittered(rng, *attributes)
+        image = save(render(obj), folder, f"und_{i:04d}.png")
         messages: list[dict[str, Any]] = []
         if style == "system":
             messages.append({"role": "system", "content": "You answer questions about simple shapes."})
@@ -872,9 +785,9 @@ def build_toy_generation(rng: random.Random) -> None:
     ]
     records = []
     for i, attributes in enumerate(plan):
-        obj = toy_object(rng, *attributes)
+        obj = jittered(rng, *attributes)
         assert not obj.held_out, f"{obj.caption} is held out and may not be a generation target"
-        image = save(render_toy(obj), folder, f"gen_{i:04d}.png")
+        image = save(render(obj), folder, f"gen_{i:04d}.png")
         records.append({"id": f"toy-gen-{i:04d}", "image": image, "caption": obj.caption, "meta": obj.meta()})
     write_jsonl(folder, records)
 
@@ -893,22 +806,22 @@ def build_toy_editing(rng: random.Random) -> None:
     ]
     records = []
     for i, (attributes, kind, value) in enumerate(plan):
-        before = toy_object(rng, *attributes)
+        before = jittered(rng, *attributes)
         if kind == "colour":
             assert value != before.colour
             after = ToyObject(before.size, value, before.shape, before.position, before.dx, before.dy)
             instruction = f"Make it {value}."
         else:
             assert value != before.position
-            after = toy_object(rng, before.size, before.colour, before.shape, value)
+            after = jittered(rng, before.size, before.colour, before.shape, value)
             instruction = f"Move it {after.where}."
         assert not after.held_out, f"{after.caption} is held out and may not be an editing target"
         records.append(
             {
                 "id": f"toy-edit-{i:04d}",
-                "input_image": save(render_toy(before), folder, f"edit_{i:04d}_input.png"),
+                "input_image": save(render(before), folder, f"edit_{i:04d}_input.png"),
                 "instruction": instruction,
-                "output_image": save(render_toy(after), folder, f"edit_{i:04d}_output.png"),
+                "output_image": save(render(after), folder, f"edit_{i:04d}_output.png"),
                 "meta": {"input": before.meta(), "output": after.meta()},
             }
         )

@@ -94,6 +94,7 @@ def toy_decoder_components(
     projector_type: str = "mlp",
     latent: bool = True,
     seed: int = 0,
+    vae: AutoencoderKL | None = None,
 ) -> dict[str, Any]:
     """Randomly initialised toy decoder parts, ready for `VPiTDecoderPipeline(**components)`.
 
@@ -105,13 +106,18 @@ def toy_decoder_components(
         projector_type: 'mlp' or 'query'.
         latent: True: toy VAE + UNet on 8x8x4 latents; False: UNet on 32x32x3 pixels, no VAE.
         seed: seeds the initialisation.
+        vae: a trained `AutoencoderKL` to use instead of a random toy VAE (the toy world's, from
+            `vpit.toy.backbones`); its latents must be 8x8x4 (any image size).
 
     Returns:
         {'unet', 'scheduler', 'projector', 'vae'} ('vae' is None when `latent` is False), in eval mode, the VAE
         frozen.
     """
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**toy_vae_config()) if latent else None
+    if vae is not None and not latent:
+        raise ValueError("a VAE was given for a pixel-space (latent=False) toy decoder")
+    if latent and vae is None:
+        vae = AutoencoderKL(**toy_vae_config())
     unet = UNet2DConditionModel(**toy_unet_config(cross_attention_dim, latent=latent))
     projector = VPiTDecoderProjector(
         vision_hidden_size=vision_hidden_size,

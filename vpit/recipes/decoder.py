@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate.utils import set_seed
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import nn
 from torchvision import transforms
@@ -94,6 +95,7 @@ def build_decoder(recipe: Recipe) -> VPiTDecoderPipeline:
             projector_type=settings.projector_type,
             latent=settings.latent,
             seed=recipe.train.seed,
+            vae=AutoencoderKL.from_pretrained(settings.vae) if settings.vae else None,
         )
         return VPiTDecoderPipeline(**parts, vision_encoder=encoder)
     if (Path(init) / "model_index.json").is_file() and "VPiTDecoderPipeline" in (

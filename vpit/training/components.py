@@ -31,6 +31,8 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
     and then reports process_index 0 and num_processes 1 on every rank (ranks would all load the same data and
     all write checkpoints). With the backend named, accelerate reads the real rank and world size.
     """
+    if recipe.train.torch_threads is not None:
+        torch.set_num_threads(recipe.train.torch_threads)
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -158,6 +158,13 @@ class TrainSection:
     )
     max_steps: int = field(default=1000, metadata=_help("optimizer steps"))
     seed: int = field(default=0, metadata=_help("seed of model init and dropout"))
+    torch_threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "CPU threads of torch (torch.set_num_threads); null: torch's default. On a small shared CPU, 1 thread "
+            "next to one data worker is fastest (the toy recipes set it)"
+        ),
+    )
     mixed_precision: str = field(
         default="no", metadata=_help("'no', 'bf16' or 'fp16' (bf16 needs a device that supports it)")
     )
@@ -223,6 +230,10 @@ class DecoderSection:
         ),
     )
     latent: bool = field(default=True, metadata=_help("toy init: latent diffusion (True) or pixel space"))
+    vae: str | None = field(
+        default=None,
+        metadata=_help("toy init: a trained AutoencoderKL folder with 8x8x4 latents (the toy world's); null: random"),
+    )
     projector_type: str = field(default="mlp", metadata=_help("'mlp' (LayerNorm MLP) or 'query' (cross-attention)"))
     projector_hidden_size: int = field(default=2048, metadata=_help("projector hidden width (MetaMorph: 2048)"))
     resolution: int | None = field(default=None, metadata=_help("training image side; default: the UNet's output size"))

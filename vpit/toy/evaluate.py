@@ -1,0 +1,320 @@
+"""`vpit eval toy`: score a VPiT model and its decoder on the toy world, with the pixel judge of `vpit.toy.judge`.
+
+Three measurements, all on fresh seeded renders (a seed stream of their own, disjoint from the training data's):
+
+- understanding: a rendered image and one question per type (colour, shape, size, position, describe), answered
+  greedily; an answer is right when it equals the grammar's answer (case, surrounding space and a final full stop
+  ignored). Held-out compositions are included: they occur in understanding training data.
+- generation: "Generate an image of {caption}." (one of the toy templates) -> the model answers freely (greedy)
+  -> its first generated image's visual tokens -> the decoder -> the judge. Accuracy per attribute and
+  all-four-correct, on in-distribution captions (every non-held-out composition) and on the held-out
+  compositions (purple triangle, orange square, green circle, never a training target). A reply with no image
+  counts as wrong on every attribute.
+- reconstruction: render -> the decoder's vision encoder -> visual tokens -> the decoder -> the judge, on every
+  composition.
+
+Writes `eval_toy.json` and `eval_toy.md`, plus the grids `generation_grid.png` (prompt -> generated image) and
+`reconstruction_grid.png` (image -> reconstruction).
+
+Example:
+    >>> report = evaluate_toy("outputs/toy/vpit/final", "outputs/toy/decoder/final", out="outputs/toy/eval")
+    >>> report["generation"]["in_distribution"]["all"]
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from ..pipeline import VPiTPipeline
+from .judge import judge
+from .world import (
+    ATTRIBUTES,
+    GENERATION_TEMPLATES,
+    QUESTION_KINDS,
+    QUESTIONS,
+    ToyObject,
+    compositions,
+    jittered,
+    render,
+)
+
+TARGETS = {
+    "understanding": 0.95,
+    "generation_in_distribution": 0.90,
+    "generation_held_out": 0.50,
+    "reconstruction": 0.95,
+}
+
+
+@dataclass
+class EvalSettings:
+    """How much to evaluate and how to sample (the defaults are what `make demo` reports)."""
+
+    questions_per_type: int = 60
+    generation_repeats: int = 1  # each composition this many times (fresh jitter each)
+    reconstruction_repeats: int = 1
+    batch_size: int = 32
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+    seed: int = 1234
+    grid_examples: int = 12
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _accuracy(flags: Sequence[dict[str, bool]]) -> dict[str, float]:
+    n = len(flags)
+    result = {key: sum(f[key] for f in flags) / max(n, 1) for key in (*ATTRIBUTES, "all")}
+    return {**result, "n": float(n)}
+
+
+def evaluate_understanding(pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+    rng = random.Random(f"eval-understanding:{settings.seed}")
+    items = []  # (kind, question, expected, image)
+    all_compositions = compositions()
+    for kind in QUESTION_KINDS:
+        phrasings, answer = QUESTIONS[kind]
+        for _ in range(settings.questions_per_type):
+            obj = jittered(rng, *rng.choice(all_compositions))
+            items.append((kind, rng.choice(phrasings), answer(obj), render(obj), obj))
+    right: dict[str, list[bool]] = {kind: [] for kind in QUESTION_KINDS}
+    mistakes: list[dict[str, str]] = []
+    bar = tqdm(total=len(items), desc="eval: understanding", disable=not progress)
+    for batch in _batches(items, settings.batch_size):
+        outputs = pipe(
+            [f"<image>\n{question}" for _, question, _, _, _ in batch],
+            images=[image for _, _, _, image, _ in batch],
+            max_new_tokens=24,
+        )
+        for (kind, question, expected, _, obj), output in zip(batch, outputs, strict=True):
+            ok = normalise_answer(output.text) == normalise_answer(expected)
+            right[kind].append(ok)
+            if not ok and len(mistakes) < 20:
+                mistakes.append({"image": obj.caption, "question": question, "expected": expected, "got": output.text})
+        bar.update(len(batch))
+    bar.close()
+    per_type = {kind: sum(flags) / len(flags) for kind, flags in right.items()}
+    total = [flag for flags in right.values() for flag in flags]
+    return {"overall": sum(total) / len(total), "per_type": per_type, "n": len(total), "mistakes": mistakes}
+
+
+def _generate_images(
+    pipe: VPiTPipeline, prompts: list[str], settings: EvalSettings, desc: str, progress: bool
+) -> list[Image.Image | None]:
+    images: list[Image.Image | None] = []
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
+    for i, batch in enumerate(_batches(prompts, settings.batch_size)):
+        outputs = pipe(
+            list(batch),
+            max_new_tokens=64 + pipe.model.config.num_visual_tokens,
+            max_images_per_row=1,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            seed=settings.seed + i,
+        )
+        images += [output.images[0] if output.images else None for output in outputs]
+        bar.update(len(batch))
+    bar.close()
+    return images
+
+
+def evaluate_generation(
+    pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True
+) -> tuple[dict[str, Any], list[tuple[ToyObject, str, Image.Image | None, bool]]]:
+    """Per split: accuracy per attribute and all four; plus (object, prompt, image, right) for the grid."""
+    rng = random.Random(f"eval-generation:{settings.seed}")
+    objects = [jittered(rng, *c) for c in compositions() for _ in range(settings.generation_repeats)]
+    prompts = [rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption) for obj in objects]
+    images = _generate_images(pipe, prompts, settings, "eval: generation", progress)
+    flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
+    examples = []
+    for obj, prompt, image in zip(objects, prompts, images, strict=True):
+        match = judge(image).matches(obj) if image is not None else dict.fromkeys((*ATTRIBUTES, "all"), False)
+        flags["held_out" if obj.held_out else "in_distribution"].append(match)
+        examples.append((obj, prompt, image, match["all"]))
+    result: dict[str, Any] = {split: _accuracy(f) for split, f in flags.items()}
+    result["no_image"] = sum(image is None for image in images)
+    return result, examples
+
+
+def evaluate_reconstruction(
+    pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True
+) -> tuple[dict[str, float], list[tuple[Image.Image, Image.Image]]]:
+    decoder = pipe.decoder
+    if decoder is None:
+        raise ValueError("reconstruction needs a decoder")
+    rng = random.Random(f"eval-reconstruction:{settings.seed}")
+    objects = [jittered(rng, *c) for c in compositions() for _ in range(settings.reconstruction_repeats)]
+    flags, pairs = [], []
+    bar = tqdm(total=len(objects), desc="eval: reconstruction", disable=not progress)
+    for i, batch in enumerate(_batches(objects, settings.batch_size)):
+        originals = [render(obj) for obj in batch]
+        generator = torch.Generator(decoder.device).manual_seed(settings.seed + i)
+        result = decoder(
+            image=originals,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            output_type="pil",
+        )
+        reconstructions = list(result.images if not isinstance(result, tuple) else result[0])
+        for obj, original, image in zip(batch, originals, reconstructions, strict=True):
+            flags.append(judge(image).matches(obj))
+            pairs.append((original, image))
+        bar.update(len(batch))
+    bar.close()
+    return _accuracy(flags), pairs
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int, fill: tuple[int, int, int]) -> None:
+    font = ImageFont.load_default()
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    for i, text_line in enumerate(lines[:3]):
+        draw.text((xy[0], xy[1] + 11 * i), text_line, fill=fill, font=font)
+
+
+def generation_grid(examples: Sequence[tuple[str, Image.Image | None, bool]], cell: int = 128) -> Image.Image:
+    """Prompt above, generated image below (green caption: judged right; red: wrong)."""
+    columns = min(6, max(len(examples), 1))
+    rows = (len(examples) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (cell + 8), rows * (cell + 44)), (245, 245, 245))
+    draw = ImageDraw.Draw(grid)
+    for i, (prompt, image, right) in enumerate(examples):
+        x, y = (i % columns) * (cell + 8) + 4, (i // columns) * (cell + 44) + 2
+        _label(draw, (x, y), prompt, cell, (20, 120, 40) if right else (190, 30, 30))
+        if image is not None:
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x, y + 38))
+    return grid
+
+
+def reconstruction_grid(pairs: Sequence[tuple[Image.Image, Image.Image]], cell: int = 96) -> Image.Image:
+    """Pairs side by side: original | reconstruction."""
+    columns = 4
+    rows = (len(pairs) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (2 * cell + 12), rows * (cell + 8)), (200, 200, 200))
+    for i, (original, reconstruction) in enumerate(pairs):
+        x, y = (i % columns) * (2 * cell + 12) + 4, (i // columns) * (cell + 8) + 4
+        grid.paste(original.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        grid.paste(reconstruction.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x + cell + 2, y))
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    u, g, r = report["understanding"], report["generation"], report["reconstruction"]
+    lines = [
+        "# Toy-world evaluation",
+        "",
+        f"Model: `{report['model']}`; decoder: `{report['decoder']}`; seed {report['settings']['seed']}; "
+        f"{report['seconds']:.0f} s.",
+        "",
+        "| measure | figure | target |",
+        "|---|---|---|",
+        f"| understanding (all question types, n={u['n']}) | {_pct(u['overall'])} | >= 95% |",
+        f"| generation, all four right, in-distribution (n={int(g['in_distribution']['n'])}) "
+        f"| {_pct(g['in_distribution']['all'])} | >= 90% |",
+        f"| generation, all four right, held-out compositions (n={int(g['held_out']['n'])}) "
+        f"| {_pct(g['held_out']['all'])} | >= 50% |",
+        f"| reconstruction, all four right (n={int(r['n'])}) | {_pct(r['all'])} | >= 95% |",
+        "",
+        "Understanding per question type: "
+        + ", ".join(f"{kind} {_pct(acc)}" for kind, acc in u["per_type"].items())
+        + ".",
+        "",
+        "| generation: per attribute | size | colour | shape | position | all four |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split in ("in_distribution", "held_out"):
+        acc = g[split]
+        lines.append(f"| {split.replace('_', '-')} | " + " | ".join(_pct(acc[k]) for k in (*ATTRIBUTES, "all")) + " |")
+    lines.append("| reconstruction | " + " | ".join(_pct(r[k]) for k in (*ATTRIBUTES, "all")) + " |")
+    if g.get("no_image"):
+        lines += ["", f"{g['no_image']} generation prompt(s) got a reply without an image (counted wrong)."]
+    if u["mistakes"]:
+        lines += ["", "Some understanding mistakes:", ""]
+        lines += [
+            f"- {m['image']}: {m['question']!r} -> {m['got']!r} (expected {m['expected']!r})" for m in u["mistakes"][:8]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_toy(
+    model_dir: str | Path,
+    decoder_dir: str | Path,
+    out: str | Path | None = None,
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the three measurements; write eval_toy.json / eval_toy.md and the two grids to `out` if given."""
+    settings = settings or EvalSettings()
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    pipe = VPiTPipeline.from_pretrained(model_dir, decoder=decoder_dir)
+    understanding = evaluate_understanding(pipe, settings, progress)
+    generation, examples = evaluate_generation(pipe, settings, progress)
+    reconstruction, pairs = evaluate_reconstruction(pipe, settings, progress)
+    report: dict[str, Any] = {
+        "model": str(model_dir),
+        "decoder": str(decoder_dir),
+        "settings": vars(settings),
+        "understanding": understanding,
+        "generation": generation,
+        "reconstruction": reconstruction,
+        "targets": TARGETS,
+        "seconds": time.perf_counter() - start,
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_toy.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "eval_toy.md").write_text(markdown_report(report))
+        rng = random.Random(settings.seed)
+        seen = [e for e in examples if not e[0].held_out]
+        held = [e for e in examples if e[0].held_out]
+        shown = rng.sample(seen, min(settings.grid_examples - 3, len(seen))) + rng.sample(held, min(3, len(held)))
+        generation_grid([(prompt, image, right) for _, prompt, image, right in shown]).save(out / "generation_grid.png")
+        reconstruction_grid(pairs[:: max(1, len(pairs) // 16)][:16]).save(out / "reconstruction_grid.png")
+    return report
+
+
+def meets_targets(report: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "understanding": report["understanding"]["overall"] >= TARGETS["understanding"],
+        "generation_in_distribution": report["generation"]["in_distribution"]["all"]
+        >= TARGETS["generation_in_distribution"],
+        "generation_held_out": report["generation"]["held_out"]["all"] >= TARGETS["generation_held_out"],
+        "reconstruction": report["reconstruction"]["all"] >= TARGETS["reconstruction"],
+    }
