@@ -44,7 +44,7 @@ bench: install
 
 # Regenerate the exact pins from the current environment (after changing pyproject.toml).
 lock: install
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v "^vpit" > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v "^vpit" | sort -f > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

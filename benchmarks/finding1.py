@@ -1,0 +1,166 @@
+"""MetaMorph's Finding 1 on the toy world: does visual understanding data make visual generation cheap?
+
+    python -m benchmarks.finding1 [--sizes 100 300 1000 3000] [--steps 250] [--work outputs/finding1]
+
+The paper (arXiv 2412.14164, Fig. 2) trains with growing amounts of generation data, with and without visual
+understanding data, and finds that generation ability unlocks with far less generation data when understanding
+data is in the mix. The toy analogue: for each generation-data size N, two VPiT runs from the same starting point
+(the toy demo's bridge-stage model: pretrained toy LLM + aligned bridge), the same number of steps and batch size:
+
+- "generation only": the mixture is the first N toy generation records;
+- "+ understanding": the same N generation records plus the toy understanding set (6000 records), sampled 1:1.
+
+Each run is scored by `vpit eval toy`'s generation measurement (fresh renders of every composition, the model's
+own greedy answer, the demo's decoder, the pixel judge): all-four-correct on in-distribution and on held-out
+compositions. The decoder is shared by all runs: it maps the vision encoder's tokens to pixels and does not depend
+on the language model.
+
+Needs `make demo` first (it builds outputs/toy: data, backbones, bridge and decoder); run from the repository
+root. Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
+line per arm), and copies the table and plot to benchmarks/results/. Budget: about 20 minutes on 2 CPU cores with
+the defaults (8 runs of 250 steps + 8 generation evaluations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _mixture(toy: Path, n_generation: int, with_understanding: bool) -> str:
+    def entry(kind: str, cap: int | None) -> str:
+        folder = toy / "data" / kind
+        capped = f", cap: {cap}" if cap else ""
+        return (
+            f"{{card: data_cards/toy_{kind}.yaml, weight: 1.0{capped}, "
+            f"data_files: [{folder / 'records.jsonl'}], image_folder: {folder / 'images'}}}"
+        )
+
+    entries = [entry("generation", n_generation)]
+    if with_understanding:
+        entries.append(entry("understanding", None))
+    return "[" + ", ".join(entries) + "]"
+
+
+def train_arm(toy: Path, run: Path, n_generation: int, with_understanding: bool, steps: int) -> None:
+    overrides = {
+        "model.pretrained": toy / "bridge" / "final",
+        "data.mixture": _mixture(toy, n_generation, with_understanding),
+        "train.output_dir": run,
+        "train.max_steps": steps,
+        "train.checkpoint_every": 0,
+        "train.log_every": 25,
+        "tracking.report_to": "[]",
+    }
+    command = [sys.executable, "-m", "vpit.train", str(ROOT / "recipes" / "toy" / "vpit.yaml")]
+    command += [f"{k}={v}" for k, v in overrides.items()]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def score_arm(model: Path, decoder: Path, steps: int) -> dict[str, Any]:
+    from vpit.pipeline import VPiTPipeline
+    from vpit.toy.evaluate import EvalSettings, evaluate_generation
+
+    pipe = VPiTPipeline.from_pretrained(model, decoder=decoder)
+    result, _ = evaluate_generation(pipe, EvalSettings(num_inference_steps=steps, batch_size=64))
+    return result
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, split, title in zip(axes, ("in_distribution", "held_out"), ("in-distribution", "held-out"), strict=True):
+        for arm, style in (("generation only", "o--"), ("+ understanding", "s-")):
+            rows = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["n_generation"])
+            ax.plot([r["n_generation"] for r in rows], [100 * r[split]["all"] for r in rows], style, label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("generation records")
+        ax.set_title(f"generation, all four right: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| generation records | arm | in-distribution all four | held-out all four | colour | shape | size | position |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r["n_generation"], r["arm"])):
+        ind, held = r["in_distribution"], r["held_out"]
+        lines.append(
+            f"| {r['n_generation']} | {r['arm']} | {100 * ind['all']:.1f}% | {100 * held['all']:.1f}% | "
+            + " | ".join(f"{100 * ind[k]:.0f}%" for k in ("colour", "shape", "size", "position"))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 3000])
+    parser.add_argument("--steps", type=int, default=250, help="optimizer steps of every run")
+    parser.add_argument("--toy", type=Path, default=ROOT / "outputs" / "toy", help="what `make demo` built")
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "finding1")
+    parser.add_argument("--decoder-steps", type=int, default=15, help="denoising steps when scoring")
+    args = parser.parse_args(argv)
+    toy, work = args.toy.resolve(), args.work.resolve()
+    for needed in (toy / "bridge" / "final", toy / "decoder" / "final", toy / "data" / "generation"):
+        if not needed.exists():
+            raise SystemExit(f"{needed} is missing: run `make demo` first (it builds {toy})")
+    generation_records = sum(1 for _ in (toy / "data" / "generation" / "records.jsonl").open())
+    if max(args.sizes) > generation_records:
+        raise SystemExit(f"--sizes up to {max(args.sizes)} but {toy}/data/generation has {generation_records} records")
+    work.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for n in args.sizes:
+        for arm, with_understanding in (("generation only", False), ("+ understanding", True)):
+            run = work / f"n{n}_{'und' if with_understanding else 'gen'}"
+            print(f"\n=== {n} generation records, {arm} ===", flush=True)
+            train_arm(toy, run, n, with_understanding, args.steps)
+            scores = score_arm(run / "final", toy / "decoder" / "final", args.decoder_steps)
+            results.append({"n_generation": n, "arm": arm, **scores})
+            shutil.rmtree(run / "final")  # keep the logs and the curve, not one model per point
+            print(table(results), flush=True)
+    report = {
+        "sizes": args.sizes,
+        "steps": args.steps,
+        "results": results,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (work / "finding1.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = (
+        f"# Finding 1 on the toy world\n\n{args.steps} steps per run, batch 16; {report['seconds']:.0f} s in all.\n\n"
+        + table(results)
+        + "\n\n![generation accuracy vs generation data](finding1.png)\n"
+    )
+    (work / "finding1.md").write_text(markdown)
+    plot(results, work / "finding1.png")
+    RESULTS.mkdir(exist_ok=True)
+    for name in ("finding1.json", "finding1.md", "finding1.png"):
+        shutil.copy(work / name, RESULTS / name)
+    print("\n" + markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The toy-world demo end to end, shortened (`python -m vpit.toy.demo --fast`): data, backbones, the three recipes
+through `python -m vpit.train`, `vpit eval toy`, the report; then the quickstart notebook runs on its output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from vpit.toy import ToyObject, render
+from vpit.toy.evaluate import TARGETS, markdown_report, meets_targets, normalise_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    out, work = base / "out", base / "work"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "vpit.toy.demo", "--fast", "--out", str(out), "--work", str(work)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, work, result.stdout
+
+
+@pytest.mark.slow
+def test_fast_demo_writes_every_artefact(demo):
+    out, work, stdout = demo
+    for name in ("report.md", "report.json", "eval_toy.json", "eval_toy.md", "generation_grid.png"):
+        assert (out / name).is_file(), name
+    assert (out / "reconstruction_grid.png").is_file()
+    assert {p.name for p in (out / "loss_curves").iterdir()} == {"bridge.png", "vpit.png", "decoder.png"}
+    assert (out / "model" / "config.json").is_file() and (out / "decoder" / "model_index.json").is_file()
+    assert {p.name for p in (work / "backbones").iterdir()} >= {"clip", "llm", "vae", "backbones.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["timings_s"]) == {"data", "backbones", "bridge", "vpit", "decoder", "eval", "total"}
+    assert set(report["targets_met"]) == set(TARGETS)
+    for stage in ("bridge", "vpit", "decoder"):
+        assert report["training"][stage]["steps"] == 6, stage
+    evaluation = report["evaluation"]
+    assert evaluation["understanding"]["n"] == 5 * 2  # five question types, two questions each
+    assert evaluation["generation"]["in_distribution"]["n"] == 150
+    assert evaluation["generation"]["held_out"]["n"] == 30
+    assert evaluation["reconstruction"]["n"] == 180
+    for key in ("size", "colour", "shape", "position", "all"):
+        assert 0.0 <= evaluation["generation"]["in_distribution"][key] <= 1.0
+    assert "=== 6/6 evaluation" in stdout and "Targets met" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_outputs_load_through_the_standard_entry_points(demo):
+    from diffusers import DiffusionPipeline
+    from transformers import AutoModelForCausalLM
+
+    import vpit
+
+    out, _, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert isinstance(model, vpit.VPiTForCausalLM) and model.config.num_visual_tokens == 16
+    decoder = DiffusionPipeline.from_pretrained(out / "decoder")
+    assert isinstance(decoder, vpit.VPiTDecoderPipeline) and decoder.vae is not None
+    image = render(ToyObject("small", "red", "circle", "left"))
+    assert decoder(image=[image], num_inference_steps=2).images[0].size == (64, 64)
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(demo, monkeypatch):
+    out, _, _ = demo
+    monkeypatch.setenv("VPIT_DEMO", str(out))
+    notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 4  # the forced generation, the question's picture, two reconstruction pairs
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"models from {out}" in text and "What colour is the shape?" in text
+
+
+def test_answer_normalisation_and_targets():
+    assert normalise_answer("  Red. ") == "red"
+    assert normalise_answer("a small red circle  on the left.") == "a small red circle on the left"
+    accuracy = {"size": 1.0, "colour": 1.0, "shape": 1.0, "position": 1.0, "all": 0.92, "n": 150.0}
+    report = {
+        "model": "m",
+        "decoder": "d",
+        "settings": {"seed": 0},
+        "seconds": 1.0,
+        "understanding": {"overall": 0.96, "per_type": {"colour": 0.96}, "n": 300, "mistakes": []},
+        "generation": {"in_distribution": accuracy, "held_out": {**accuracy, "all": 0.4, "n": 30.0}, "no_image": 0},
+        "reconstruction": {**accuracy, "all": 0.97, "n": 180.0},
+    }
+    assert meets_targets(report) == {
+        "understanding": True,
+        "generation_in_distribution": True,
+        "generation_held_out": False,
+        "reconstruction": True,
+    }
+    markdown = markdown_report(report)
+    assert "| generation, all four right, held-out compositions (n=30) | 40.0% | >= 50% |" in markdown
