@@ -41,15 +41,29 @@ def toy_vae_config(image_size: int = TOY_IMAGE_SIZE) -> dict[str, Any]:
     }
 
 
-def toy_unet_config(cross_attention_dim: int = 64, latent: bool = True) -> dict[str, Any]:
+def toy_unet_config(cross_attention_dim: int = 64, latent: bool = True, latent_size: int = 8) -> dict[str, Any]:
     """`UNet2DConditionModel` kwargs, ~1 M parameters (at cross_attention_dim 64).
 
-    latent: on the toy VAE's 8x8x4 latents, two levels, cross-attention at 8x8 (1.08 M parameters).
+    latent: on the toy VAE's 8x8x4 latents, two levels, cross-attention at 8x8 (1.08 M parameters); with
+    `latent_size` 16 (the trained toy VAE: 64 px -> 16x16x4), two levels with cross-attention only at the 8x8 one.
     pixel space (`latent=False`): on 32x32x3 images, three levels, cross-attention only at the 8x8 level, where
     attention is cheap (1.25 M parameters).
     """
     common = {"layers_per_block": 1, "cross_attention_dim": cross_attention_dim, "attention_head_dim": 8}
+    if latent and latent_size == 16:
+        return {
+            **common,
+            "sample_size": 16,
+            "in_channels": TOY_LATENT_CHANNELS,
+            "out_channels": TOY_LATENT_CHANNELS,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [48, 64],
+            "norm_num_groups": 16,
+        }
     if latent:
+        if latent_size != 8:
+            raise ValueError(f"the toy latent UNet takes 8x8 or 16x16 latents, got {latent_size}")
         return {
             **common,
             "sample_size": 8,
@@ -107,7 +121,7 @@ def toy_decoder_components(
         latent: True: toy VAE + UNet on 8x8x4 latents; False: UNet on 32x32x3 pixels, no VAE.
         seed: seeds the initialisation.
         vae: a trained `AutoencoderKL` to use instead of a random toy VAE (the toy world's, from
-            `vpit.toy.backbones`); its latents must be 8x8x4 (any image size).
+            `vpit.toy.backbones`); its latents must be 8x8x4 or 16x16x4, and the UNet is sized to match.
 
     Returns:
         {'unet', 'scheduler', 'projector', 'vae'} ('vae' is None when `latent` is False), in eval mode, the VAE
@@ -118,7 +132,10 @@ def toy_decoder_components(
         raise ValueError("a VAE was given for a pixel-space (latent=False) toy decoder")
     if latent and vae is None:
         vae = AutoencoderKL(**toy_vae_config())
-    unet = UNet2DConditionModel(**toy_unet_config(cross_attention_dim, latent=latent))
+    latent_size = 8
+    if vae is not None:
+        latent_size = vae.config["sample_size"] // 2 ** (len(vae.config["block_out_channels"]) - 1)
+    unet = UNet2DConditionModel(**toy_unet_config(cross_attention_dim, latent=latent, latent_size=latent_size))
     projector = VPiTDecoderProjector(
         vision_hidden_size=vision_hidden_size,
         cross_attention_dim=cross_attention_dim,

@@ -49,11 +49,12 @@ class DemoPlan:
     @classmethod
     def full(cls) -> DemoPlan:
         return cls(
-            data={"understanding": 6000, "generation": 6000, "editing": 2000},
+            data={"understanding": 4000, "generation": 4000, "editing": 1000},
             backbones_fast=False,
             bridge={},
             vpit={},
             decoder={},
+            eval={"questions_per_type": 40, "num_inference_steps": 20},
         )
 
     @classmethod

@@ -1,0 +1,113 @@
+"""The locally pretrained toy backbones: standard folder layouts, loading through vpit, training, determinism."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from conftest import encode_conversations
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import vpit
+from vpit.processing_vpit import DEFAULT_CHAT_TEMPLATE
+from vpit.toy.backbones import build_toy_backbones, pixels, pretrain_toy_clip
+from vpit.toy.world import ToyObject, render
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy-backbones")
+    return out, build_toy_backbones(out, seed=0, fast=True)
+
+
+def test_folders_have_the_standard_layouts(backbones):
+    out, report = backbones
+    assert {p.name for p in (out / "clip").iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors"}
+    llm = {p.name for p in (out / "llm").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= llm
+    assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in (out / "vae").iterdir()}
+    assert json.loads((out / "backbones.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["seconds"]) == {"clip", "tokenizer", "llm", "vae"}
+    clip_config = json.loads((out / "clip" / "open_clip_config.json").read_text())
+    assert clip_config["preprocess_cfg"] == {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+
+
+def test_training_reduced_every_loss(backbones):
+    _, report = backbones
+    for part in ("clip", "llm", "vae"):
+        metrics = report["metrics"][part]
+        assert metrics["loss_last"] < metrics["loss_first"], part
+    llm = report["metrics"]["llm"]
+    assert llm["perplexity_after"] < llm["perplexity_before"]
+    for key in ("retrieval", "probe"):
+        assert set(report["metrics"]["clip"][key]) == {"size", "colour", "shape", "position", "all", "n"}
+
+
+def test_clip_loads_through_open_clip_and_vpit_assembles_the_backbones(backbones):
+    out, _ = backbones
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out / 'clip'}")
+    image = preprocess(render(ToyObject("small", "red", "circle", "left"))).unsqueeze(0)
+    assert torch.equal(image, pixels([render(ToyObject("small", "red", "circle", "left"))]))
+
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(out / "llm", f"local-dir:{out / 'clip'}", num_visual_tokens=16)
+    obj = ToyObject("small", "red", "circle", "left")
+    understanding = [
+        {"role": "user", "content": "<image>\nDescribe the image."},
+        {"role": "assistant", "content": obj.caption},
+    ]
+    generation = [
+        {"role": "user", "content": f"Draw {obj.caption}."},
+        {"role": "assistant", "content": "Here is an image based on your request: <image>"},
+    ]
+    batch = encode_conversations(processor, [understanding, generation], [[render(obj)], [render(obj)]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    output = model(**batch)
+    assert output.visual_targets.shape == (16, 128)  # K = 16 pooled tokens of Dv = 128
+    for loss in (output.loss, output.text_loss, output.visual_loss):
+        assert torch.isfinite(loss) and loss > 0
+
+
+def test_vae_round_trips_a_render_with_its_scaling_factor(backbones):
+    out, report = backbones
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    assert vae.config.scaling_factor == pytest.approx(report["metrics"]["vae"]["scaling_factor"])
+    assert vae.config.scaling_factor != 0.18215  # set from the latents, not diffusers' default
+    x = pixels([render(ToyObject("large", "blue", "square", "center"))])
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        recon = vae.decode(latents / vae.config.scaling_factor).sample
+    assert latents.shape == (1, 4, 16, 16)  # 64 px, two downsamplings
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+
+
+def test_tokenizer_has_the_chat_template_and_round_trips_a_caption(backbones):
+    out, _ = backbones
+    tokenizer = AutoTokenizer.from_pretrained(out / "llm")
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    caption = "a large purple triangle at the bottom"
+    ids = tokenizer(caption).input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert len(ids) <= 8  # BPE merges whole toy words: 7 words + BOS
+    assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Draw " + caption + "."}], tokenize=False)
+    assert text.startswith("<s>USER: Draw a large")
+    llm = AutoModelForCausalLM.from_pretrained(out / "llm")
+    assert llm.config.vocab_size == len(tokenizer) and not llm.config.tie_word_embeddings
+
+
+def test_clip_pretraining_is_deterministic(tmp_path):
+    kwargs = {"steps": 2, "batch_size": 8, "seed": 3, "eval_samples": 8, "probe_samples": (16, 8)}
+    first = pretrain_toy_clip(tmp_path / "a", **kwargs)
+    second = pretrain_toy_clip(tmp_path / "b", **kwargs)
+    assert first == second
+    a = load_file(tmp_path / "a" / "open_clip_model.safetensors")
+    b = load_file(tmp_path / "b" / "open_clip_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_batch_size_is_validated(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size must be in 2\.\.180"):
+        pretrain_toy_clip(tmp_path, steps=1, batch_size=181)

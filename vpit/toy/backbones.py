@@ -1,0 +1,668 @@
+"""Locally pretrained toy backbones: a CLIP, a tokenizer + Llama and a VAE, saved as the folders real models come in.
+
+No machine of this project can download weights, so the toy world (DESIGN.md) pretrains its own tiny backbones on
+toy renders and toy text, in a few minutes on a CPU, and saves them in the standard layouts; vpit then loads them
+through exactly the code paths a real model takes:
+
+- `clip/`: an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors), a 64 px ViT
+  trained contrastively on renders and their captions with open_clip's own `ClipLoss`;
+- `llm/`: a transformers folder, a byte-level BPE tokenizer (with the VPiT chat template) next to a 4-layer Llama
+  LM-pretrained on toy text;
+- `vae/`: a diffusers `AutoencoderKL` folder, 64x64x3 renders <-> 8x8x4 latents, its `scaling_factor` set to
+  1 / std of the latents (the Stable Diffusion convention);
+- `backbones.json`: the configs, metrics and wall times.
+
+Every function is seeded and deterministic (on a given machine and thread count) and returns its metrics.
+
+Example:
+    >>> build_toy_backbones("outputs/toy/backbones")
+    >>> model, processor = vpit.assemble(
+    ...     "outputs/toy/backbones/llm", "local-dir:outputs/toy/backbones/clip", num_visual_tokens=16)
+
+CLI: `python -m vpit.toy.backbones --out outputs/toy/backbones [--seed 0] [--fast]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from open_clip.loss import ClipLoss
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
+
+from ..configuration_vpit import VPiTVisionConfig
+from ..processing_vpit import DEFAULT_CHAT_TEMPLATE
+from ..tiny import train_bpe_tokenizer
+from ..vision import VisionEncoder
+from .world import (
+    ATTRIBUTES,
+    COLOURS,
+    GENERATION_RESPONSE,
+    GENERATION_TEMPLATES,
+    POSITIONS,
+    QUESTION_KINDS,
+    QUESTIONS,
+    SHAPES,
+    SIZES,
+    ToyObject,
+    compositions,
+    edit,
+    jittered,
+    render,
+    sample_object,
+    toy_text_corpus,
+)
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "size": SIZES,
+    "colour": COLOURS,
+    "shape": SHAPES,
+    "position": POSITIONS,
+}
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL RGB images -> (B, 3, S, S) in [-1, 1]: the CLIP's preprocessing (mean = std = 0.5) and the VAE's range."""
+    array = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (B, S, S, 3) uint8
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, S, S) in [-1, 1] -> PIL RGB images."""
+    array = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def _caption_objects() -> list[ToyObject]:
+    """The 180 compositions as un-jittered objects, in `compositions()` order."""
+    return [ToyObject(*c) for c in compositions()]
+
+
+def _optimizer(model: nn.Module, lr: float, steps: int, weight_decay: float = 0.1) -> tuple[Any, Any]:
+    """AdamW (no decay on gains, biases, embeddings' scale, logit_scale) with a 10% linear warm-up then cosine."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+
+
+def _loss_summary(losses: Sequence[float]) -> dict[str, float]:
+    """First and last loss, each the mean over a window of 10% of the steps (at least one): noise-robust ends."""
+    window = max(1, len(losses) // 10)
+    return {"loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:]))}
+
+
+def _attribute_accuracy(truth: Sequence[ToyObject], predicted: Sequence[ToyObject]) -> dict[str, float]:
+    """Per-attribute and all-four accuracy of predicted objects."""
+    out = {
+        a: float(np.mean([t.attributes[a] == p.attributes[a] for t, p in zip(truth, predicted, strict=True)]))
+        for a in ATTRIBUTES
+    }
+    out["all"] = float(np.mean([t.attributes == p.attributes for t, p in zip(truth, predicted, strict=True)]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- CLIP
+
+
+def toy_clip_config(image_size: int = 64) -> dict[str, Any]:
+    """open_clip `model_cfg`: a 4-block, 128-wide ViT on 8 px patches (an 8x8 grid at 64 px) and a 2-block, 64-wide
+    text tower on open_clip's default BPE (vocabulary 49408, context 32); 3.8 M parameters (0.57 M the ViT), 3.2 M the text
+    tower's token embedding.
+
+    The image embedding is the average of the patch tokens (`pool_type="avg"`, as SigLIP pools its patches) rather
+    than a class token: VPiT's visual tokens are the last block's patch tokens, and only average pooling trains
+    them directly (with a class token, the last block's patch outputs feed nothing and a linear probe reads shape
+    from them at ~90% instead of ~100%).
+    """
+    return {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": image_size, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32,
+                       "mlp_ratio": 2.0, "pool_type": "avg"},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                     "mlp_ratio": 2.0},
+    }  # fmt: skip
+
+
+def _write_open_clip_config(folder: Path, model_cfg: dict[str, Any]) -> None:
+    """open_clip_config.json as `vpit.tiny.save_tiny_open_clip` writes it (mean = std = 0.5, squash resize)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess = {"size": model_cfg["vision_cfg"]["image_size"], "mean": [0.5] * 3, "std": [0.5] * 3}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {**preprocess, "resize_mode": "squash"}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+
+
+def pretrain_toy_clip(
+    folder: str | Path,
+    steps: int = 200,
+    batch_size: int = 180,
+    seed: int = 0,
+    image_size: int = 64,
+    lr: float = 2e-3,
+    eval_samples: int = 500,
+    probe_samples: tuple[int, int] = (1000, 500),
+) -> dict[str, Any]:
+    """Contrastively pretrain the toy CLIP on renders and captions; save it as an open_clip `local-dir:` folder.
+
+    Each batch holds `batch_size` *distinct* compositions (each with a fresh jitter), so that no caption is a false
+    negative of another image in the batch (there are only 180 captions).
+
+    Args:
+        folder: output folder (open_clip_config.json + open_clip_model.safetensors).
+        steps: optimiser steps.
+        batch_size: images (= distinct captions) per batch, 2..180.
+        seed: seeds the initialisation and the data.
+        image_size: render and model resolution.
+        lr: peak AdamW learning rate (10% warm-up, cosine decay).
+        eval_samples: fresh renders for zero-shot retrieval (`evaluate_toy_clip`).
+        probe_samples: (train, test) renders for the linear probe on VPiT's visual tokens (`probe_toy_clip`).
+
+    Returns:
+        {'loss_first', 'loss_last', 'logit_scale', 'retrieval': {...}, 'probe': {...}}.
+    """
+    num_captions = len(compositions())
+    if not 2 <= batch_size <= num_captions:
+        raise ValueError(f"batch_size must be in 2..{num_captions} (distinct captions per batch), got {batch_size}")
+    folder = Path(folder)
+    model_cfg = toy_clip_config(image_size)
+    _write_open_clip_config(folder, model_cfg)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")  # the default BPE, at the config's context length
+    objects = _caption_objects()
+    text = tokenizer([o.caption for o in objects])  # (180, context_length)
+
+    torch.manual_seed(seed)
+    rng = random.Random(f"toy-clip:{seed}")
+    model = open_clip.model.CLIP(**model_cfg, output_dict=True)
+    optimizer, schedule = _optimizer(model, lr, steps)
+    loss_fn = ClipLoss()
+    losses: list[float] = []
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc="toy CLIP", leave=False)):
+        index = rng.sample(range(num_captions), batch_size)
+        images = pixels([render(jittered(rng, *compositions()[i]), image_size) for i in index])
+        out = model(images, text[index])
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # as open_clip's trainer does
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    return {
+        **_loss_summary(losses),
+        "logit_scale": float(model.logit_scale.exp()),
+        "retrieval": evaluate_toy_clip(folder, eval_samples, seed),
+        "probe": probe_toy_clip(folder, *probe_samples, seed=seed),
+    }
+
+
+@torch.no_grad()
+def evaluate_toy_clip(folder: str | Path, samples: int = 500, seed: int = 0) -> dict[str, float]:
+    """Zero-shot caption retrieval over all 180 captions on fresh renders, loaded back with open_clip.
+
+    Returns:
+        {'size', 'colour', 'shape', 'position', 'all', 'n'}: accuracy of each attribute of the retrieved caption,
+        and of the caption itself ('all').
+    """
+    name = f"local-dir:{folder}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    model.eval()
+    objects = _caption_objects()
+    rng = random.Random(f"toy-clip-eval:{seed}")
+    size = model.visual.image_size[0]
+    truth = [sample_object(rng) for _ in range(samples)]
+    images = torch.stack([preprocess(render(o, size)) for o in truth])  # (N, 3, S, S)
+    text = model.encode_text(open_clip.get_tokenizer(name)([o.caption for o in objects]), normalize=True)
+    image = model.encode_image(images, normalize=True)
+    predicted = [objects[i] for i in (image @ text.T).argmax(dim=1).tolist()]
+    return {**_attribute_accuracy(truth, predicted), "n": samples}
+
+
+@torch.no_grad()
+def probe_toy_clip(
+    folder: str | Path,
+    train_samples: int = 1000,
+    test_samples: int = 500,
+    num_visual_tokens: int = 16,
+    seed: int = 0,
+    ridge: float = 1e-2,
+) -> dict[str, float]:
+    """Linear-probe accuracy per attribute of VPiT's visual tokens (what the VPiT model sees and predicts).
+
+    The encoder is built exactly as `vpit.assemble` builds it (last block before the final norm, bilinear-pooled to
+    `num_visual_tokens`, L2-normalised); a closed-form ridge regression onto one-hot labels is fitted on the
+    flattened (K * Dv) tokens of `train_samples` fresh renders and scored on `test_samples` others.
+
+    Returns:
+        {'size', 'colour', 'shape', 'position', 'all', 'n'}.
+    """
+    spec = VPiTVisionConfig(model_name=f"local-dir:{folder}")
+    encoder = VisionEncoder.from_pretrained_spec(spec, num_visual_tokens)
+    transform = encoder.image_transform()
+    rng = random.Random(f"toy-clip-probe:{seed}")
+    objects = [sample_object(rng) for _ in range(train_samples + test_samples)]
+    size = encoder.image_size[0]
+    features = torch.cat(
+        [
+            encoder(torch.stack([transform(render(o, size)) for o in objects[i : i + 250]])).flatten(1)
+            for i in range(0, len(objects), 250)
+        ]
+    ).double()  # (N, K * Dv)
+    values = ATTRIBUTE_VALUES
+    targets = torch.cat(
+        [
+            F.one_hot(torch.tensor([values[a].index(o.attributes[a]) for o in objects]), len(values[a]))
+            for a in ATTRIBUTES
+        ],
+        dim=1,
+    ).double()  # (N, sum of the attributes' class counts)
+    x, y = features[:train_samples], targets[:train_samples]
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc = x - x_mean
+    gram = xc.T @ xc + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(gram, xc.T @ (y - y_mean))  # (K * Dv, classes)
+    scores = (features[train_samples:] - x_mean) @ weights + y_mean
+    truth = objects[train_samples:]
+    predicted: list[dict[str, str]] = [{} for _ in truth]
+    start = 0
+    for a in ATTRIBUTES:
+        width = len(values[a])
+        for p, i in zip(predicted, scores[:, start : start + width].argmax(1).tolist(), strict=True):
+            p[a] = values[a][i]
+        start += width
+    return {
+        **_attribute_accuracy(truth, [ToyObject(p["size"], p["colour"], p["shape"], p["position"]) for p in predicted]),
+        "n": test_samples,
+    }
+
+
+# ------------------------------------------------------------------------------------------ tokenizer + LLM
+
+
+def toy_conversation(rng: random.Random) -> list[dict[str, str]]:
+    """A text-only toy chat: the image is replaced by its caption (understanding, editing) or absent (generation).
+
+    The generation answer stops before the image: a `<image>` marker is not plain text but becomes the VPiT image
+    tokens, which the assembled model adds to the vocabulary.
+    """
+    obj = sample_object(rng)
+    described = f"{obj.caption[0].upper()}{obj.caption[1:]}."
+    kind = rng.choice(("understanding", "understanding", "generation", "editing"))
+    if kind == "generation":
+        request = rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption)
+        return [
+            {"role": "user", "content": request},
+            {"role": "assistant", "content": GENERATION_RESPONSE.replace("<image>", "").rstrip()},
+        ]
+    if kind == "editing":
+        instruction, after = edit(rng, obj)
+        return [
+            {"role": "user", "content": f"{described} {instruction}"},
+            {"role": "assistant", "content": after.caption},
+        ]
+    messages: list[dict[str, str]] = []
+    for j, question_kind in enumerate(rng.sample(QUESTION_KINDS, rng.choice((1, 2, 3)))):
+        phrasings, answer = QUESTIONS[question_kind]
+        question = rng.choice(phrasings)
+        messages.append({"role": "user", "content": f"{described} {question}" if j == 0 else question})
+        messages.append({"role": "assistant", "content": answer(obj)})
+    return messages
+
+
+def toy_tokenizer_corpus(seed: int = 0, samples: int = 2000) -> list[str]:
+    """Toy sentences, every generation template on every caption, and chat turns with their role prefixes."""
+    rng = random.Random(f"toy-tokenizer:{seed}")
+    lines = toy_text_corpus(rng, samples)
+    lines += [template.format(caption=o.caption) for template in GENERATION_TEMPLATES for o in _caption_objects()]
+    lines.append(GENERATION_RESPONSE)
+    for _ in range(samples // 4):
+        for message in toy_conversation(rng):
+            lines.append(f"{'USER' if message['role'] == 'user' else 'ASSISTANT'}: {message['content']}")
+    return lines
+
+
+def train_toy_tokenizer(folder: str | Path, vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train the toy byte-level BPE tokenizer (Llama-style specials, BOS prepended, the VPiT chat template); save it.
+
+    Returns:
+        the tokenizer, as `AutoTokenizer.from_pretrained(folder)` returns it.
+    """
+    tokenizer = train_bpe_tokenizer(toy_tokenizer_corpus(seed), vocab_size=vocab_size)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.model_max_length = TOY_LLAMA_CONTEXT
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+TOY_LLAMA_CONTEXT = 512
+
+
+def toy_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """4 blocks of width 256 (4 heads, 2 KV heads), MLP 688, untied: 3.2 M parameters at a 512-token vocabulary."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TOY_LLAMA_CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def toy_lm_rows(tokenizer: PreTrainedTokenizerFast, rng: random.Random, documents: int, length: int) -> torch.Tensor:
+    """`documents` plain toy sentences and as many chat-formatted toy conversations, tokenized (BOS ... EOS each),
+    shuffled, concatenated and cut into (rows, length) token ids (the remainder dropped)."""
+    lines = [[*tokenizer(line).input_ids, tokenizer.eos_token_id] for line in toy_text_corpus(rng, documents)]
+    chats = tokenizer.apply_chat_template([toy_conversation(rng) for _ in range(documents)], tokenize=False)
+    lines += tokenizer(list(chats), add_special_tokens=False).input_ids  # the template writes BOS and EOS itself
+    rng.shuffle(lines)
+    stream = torch.tensor([i for line in lines for i in line])
+    return stream[: len(stream) // length * length].view(-1, length)
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, rows: torch.Tensor, batch_size: int = 32) -> float:
+    """exp(mean next-token cross-entropy) over every predicted token of (N, T) packed rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in rows.split(batch_size):
+        logits = model(input_ids=batch).logits[:, :-1]  # (B, T-1, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def pretrain_toy_llama(
+    folder: str | Path,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int = 120,
+    seed: int = 0,
+    batch_size: int = 16,
+    length: int = 128,
+    lr: float = 1e-3,
+    documents: int = 4000,
+) -> dict[str, Any]:
+    """LM-pretrain the toy Llama on packed toy text and chats; save it next to its tokenizer (one folder, like a Hub
+    model) and load it back with `AutoModelForCausalLM.from_pretrained` for the held-out perplexity.
+
+    Args:
+        folder: output folder (the tokenizer's, see `train_toy_tokenizer`).
+        tokenizer: the toy tokenizer.
+        steps: optimiser steps of `batch_size` packed rows of `length` tokens.
+        seed: seeds the initialisation and the data.
+        lr: peak AdamW learning rate (10% warm-up, cosine decay).
+        documents: plain sentences (and as many chats) in the training stream; a quarter as many are held out.
+
+    Returns:
+        {'loss_first', 'loss_last', 'perplexity_before', 'perplexity_after', 'parameters', 'train_tokens'}.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(f"toy-llama:{seed}")
+    rows = toy_lm_rows(tokenizer, rng, documents, length)  # (N, length)
+    held_out = toy_lm_rows(tokenizer, random.Random(f"toy-llama-held-out:{seed}"), max(8, documents // 4), length)
+    model = LlamaForCausalLM(toy_llama_config(tokenizer))
+    before = perplexity(model, held_out)
+    optimizer, schedule = _optimizer(model, lr, steps)
+    losses: list[float] = []
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc="toy Llama", leave=False)):
+        batch = rows[torch.tensor(rng.sample(range(len(rows)), min(batch_size, len(rows))))]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.save_pretrained(folder)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    return {
+        **_loss_summary(losses),
+        "perplexity_before": before,
+        "perplexity_after": perplexity(loaded, held_out),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_tokens": rows.numel(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ VAE
+
+
+def toy_vae_config(image_size: int = 64, downsamplings: int = 2) -> dict[str, Any]:
+    """`AutoencoderKL` kwargs: (B, 3, S, S) renders <-> (B, 4, S / 2^d, S / 2^d) latents.
+
+    downsamplings 2 (the default): 64x64 -> 16x16x4, blocks of 32, 64, 64 channels, 0.9 M parameters;
+    downsamplings 3: 64x64 -> 8x8x4, blocks of 32, 64, 64, 64 channels. At 8x8 the small shapes (circumradius 8 px)
+    span 2x2 latents and, in the few hundred CPU steps the demo affords, reconstruct as blobs; 16x16 keeps them.
+    """
+    if downsamplings not in (2, 3):
+        raise ValueError(f"downsamplings must be 2 (16x16 latents at 64 px) or 3 (8x8), got {downsamplings}")
+    blocks = downsamplings + 1
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "block_out_channels": [32, 64, 64, 64][:blocks],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": image_size,
+    }
+
+
+def _judge_score() -> Any:
+    """`vpit.toy.judge.score` when that module exists, else None."""
+    try:
+        from .judge import score
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.judge":
+            raise
+        return None
+    return score
+
+
+@torch.no_grad()
+def evaluate_toy_vae(folder: str | Path, samples: int = 300, seed: int = 0) -> dict[str, Any]:
+    """Reconstruct fresh renders through the saved VAE (posterior mode, scaled and unscaled as a UNet would see it).
+
+    Returns:
+        {'mse': mean squared error in [0, 1] pixel units, 'judge': `vpit.toy.judge.score` of the reconstructions
+        (None when the judge module is absent), 'n'}.
+    """
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    size = int(vae.config.sample_size)
+    rng = random.Random(f"toy-vae-eval:{seed}")
+    objects = [sample_object(rng) for _ in range(samples)]
+    x = pixels([render(o, size) for o in objects])  # (N, 3, S, S)
+    latents = torch.cat([vae.encode(b).latent_dist.mode() for b in x.split(50)]) * vae.config.scaling_factor
+    recon = torch.cat([vae.decode(z / vae.config.scaling_factor).sample for z in latents.split(50)]).clamp(-1, 1)
+    score = _judge_score()
+    return {
+        "mse": float(((recon - x) / 2).pow(2).mean()),
+        "judge": score(list(zip(objects, to_images(recon), strict=True))) if score is not None else None,
+        "n": samples,
+    }
+
+
+def pretrain_toy_vae(
+    folder: str | Path,
+    steps: int = 500,
+    seed: int = 0,
+    image_size: int = 64,
+    downsamplings: int = 2,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    kl_weight: float = 1e-6,
+    foreground_weight: float = 10.0,
+    eval_samples: int = 300,
+) -> dict[str, Any]:
+    """Train the toy `AutoencoderKL` on renders; set its `scaling_factor` to 1 / std of the posterior-mode latents
+    of 256 renders; save it with `save_pretrained`.
+
+    The loss is L1 with the object's pixels weighted `1 + foreground_weight` (a toy image is ~95% white, and an
+    unweighted loss spends hundreds of steps on the background before colours separate) plus `kl_weight` * KL.
+    The decoder is trained on the posterior mode: with the tiny KL weight the sample would only add noise that the
+    few CPU steps cannot afford, and the mode is what the latent diffusion decoder is trained on.
+
+    Returns:
+        {'loss_first', 'loss_last', 'scaling_factor', 'latent_shape', 'parameters', 'mse', 'judge', 'n'}.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(f"toy-vae:{seed}")
+    vae = AutoencoderKL(**toy_vae_config(image_size, downsamplings))
+    optimizer, schedule = _optimizer(vae, lr, steps, weight_decay=0.0)
+    losses: list[float] = []
+    vae.train()
+    for _ in (bar := tqdm(range(steps), desc="toy VAE", leave=False)):
+        x = pixels([render(sample_object(rng), image_size) for _ in range(batch_size)])  # (B, 3, S, S)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mode()).sample
+        weight = 1 + foreground_weight * (x.min(dim=1, keepdim=True).values < 0.98).float()  # (B, 1, S, S)
+        loss = (weight * (recon - x).abs()).mean() + kl_weight * posterior.kl().mean() / x[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    vae.eval()
+    with torch.no_grad():
+        x = pixels([render(sample_object(rng), image_size) for _ in range(256)])
+        latents = torch.cat([vae.encode(b).latent_dist.mode() for b in x.split(64)])  # (256, 4, s, s)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(folder)
+    return {
+        **_loss_summary(losses),
+        "scaling_factor": float(vae.config.scaling_factor),
+        "latent_shape": list(latents.shape[1:]),
+        "parameters": sum(p.numel() for p in vae.parameters()),
+        **evaluate_toy_vae(folder, eval_samples, seed),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ all three
+
+
+def build_toy_backbones(out: str | Path, seed: int = 0, fast: bool = False) -> dict[str, Any]:
+    """Pretrain and save the toy CLIP (`out/clip`), tokenizer + Llama (`out/llm`) and VAE (`out/vae`); write
+    `out/backbones.json` (configs, metrics, wall times) and return its content.
+
+    fast: a few steps each and small evaluations (for tests; about 15 s), not useful backbones.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+
+    start = time.perf_counter()
+    if fast:
+        metrics["clip"] = pretrain_toy_clip(
+            out / "clip", steps=4, batch_size=32, seed=seed, eval_samples=60, probe_samples=(100, 50)
+        )
+    else:
+        metrics["clip"] = pretrain_toy_clip(out / "clip", seed=seed)
+    timings["clip"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokenizer = train_toy_tokenizer(out / "llm", seed=seed)
+    timings["tokenizer"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if fast:
+        metrics["llm"] = pretrain_toy_llama(out / "llm", tokenizer, steps=4, seed=seed, batch_size=4, documents=200)
+    else:
+        metrics["llm"] = pretrain_toy_llama(out / "llm", tokenizer, seed=seed)
+    timings["llm"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if fast:
+        metrics["vae"] = pretrain_toy_vae(out / "vae", steps=4, seed=seed, batch_size=4, eval_samples=20)
+    else:
+        metrics["vae"] = pretrain_toy_vae(out / "vae", seed=seed)
+    timings["vae"] = time.perf_counter() - start
+
+    report = {
+        "seed": seed,
+        "fast": fast,
+        "threads": torch.get_num_threads(),
+        "metrics": metrics,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "configs": {
+            "clip": toy_clip_config(),
+            "llm": toy_llama_config(tokenizer).to_diff_dict(),
+            "vae": toy_vae_config(),
+            "tokenizer": {"vocab_size": len(tokenizer), "chat_template": DEFAULT_CHAT_TEMPLATE},
+        },
+    }
+    (out / "backbones.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m vpit.toy.backbones", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/toy/backbones", help="output folder (clip/, llm/, vae/)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every initialisation and data stream")
+    parser.add_argument("--fast", action="store_true", help="a few steps each: checks the plumbing, not the models")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = build_toy_backbones(args.out, seed=args.seed, fast=args.fast)
+    print(json.dumps({"metrics": report["metrics"], "seconds": report["seconds"]}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "build_toy_backbones",
+    "evaluate_toy_clip",
+    "pretrain_toy_clip",
+    "pretrain_toy_llama",
+    "pretrain_toy_vae",
+    "probe_toy_clip",
+    "toy_clip_config",
+    "toy_llama_config",
+    "toy_vae_config",
+    "train_toy_tokenizer",
+]
