@@ -1,12 +1,14 @@
 """Data pipeline throughput vs training-step consumption, and padding with and without packing.
 
-    python -m benchmarks.data_pipeline [--workers 2] [--repeats 5] [--out benchmarks/results/data_pipeline.json]
+    python -m benchmarks.data_pipeline [--workers 2] [--repeats 5] [--threads 1] [--out benchmarks/results/data_pipeline.json]
 
 1. Throughput. LLaVA-style records (a 256x256 JPEG, a question, an answer of LLaVA-like length) go through the
    whole pipeline — JSONL read, JPEG decode, transform, chat-template tokenisation, collation — in a DataLoader
    with the given workers; a training step (forward + backward + AdamW) of a small VPiT model consumes
-   pre-collated batches of the same data. Both are samples/s, median of `repeats` timed runs after a warm-up,
-   measured in the same process one after the other. Goal: pipeline >= 5x the step.
+   pre-collated batches of the same data. Both are samples/s, median of `repeats` timed runs (each after its own
+   warm-up), the two interleaved in the same process. Goal: pipeline >= 5x the step. The step runs on one torch
+   thread (as in the other benchmarks: on a shared 2-core machine two OpenMP threads make it erratic); the
+   DataLoader workers are processes of their own.
 2. Padding. Sequence lengths drawn from a LLaVA-like distribution (log-normal body, mean ~ 640 tokens, long
    tail clipped at 2048) are padded per batch of 16 (the usual padded batch) and packed first-fit-decreasing
    into rows of 2048 from buffers of 64 samples. Goal: packed padding < 5%.
@@ -33,6 +35,8 @@ from vpit.data.cards import DataCard
 from vpit.data.collator import VPiTCollator, model_inputs, plan_packing
 from vpit.data.dataset import VPiTDataset
 from vpit.tiny import save_tiny_llama, save_tiny_open_clip
+
+from .common import describe_machine
 
 WORDS = [
     "the",
@@ -152,8 +156,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the training step")
     parser.add_argument("--out", default="benchmarks/results/data_pipeline.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,10 +172,12 @@ def main() -> None:
         collate = VPiTCollator(processor.tokenizer.pad_token_id)
         stream = iter(VPiTDataset([card], processor, max_length=512))
         batches = [collate([next(stream) for _ in range(args.batch)]) for _ in range(4)]
-        pipeline = [time_pipeline(card, processor, args.workers, args.batch, 12) for _ in range(args.repeats)]
-        training = [time_training(model, batches, 6) for _ in range(args.repeats)]
+        pipeline, training = [], []
+        for _ in range(args.repeats):  # interleaved, so that a change in the machine's load hits both alike
+            pipeline.append(time_pipeline(card, processor, args.workers, args.batch, 12))
+            training.append(time_training(model, batches, 6))
     result = {
-        "machine": "2-core CPU (CI kind)",
+        "machine": describe_machine(),
         "model": f"VPiT: Llama 4x256 + open_clip ViT 4x128 @64px, K=16, {params / 1e6:.2f} M parameters",
         "batch": args.batch,
         "workers": args.workers,

@@ -5,7 +5,9 @@
 Model: a 4-layer Llama of width 256 + the tiny open_clip ViT, K = 64 visual tokens per image (the published
 recipe's K), random weights. Prompt: 512 tokens, the last one `<image_start>`, so that the first 64 steps are
 exactly one image. Every figure is the median of `repeats` timed runs after one warm-up, all in one process; the
-measurements are interleaved (one run of each per round) so that a change in the machine's load hits them alike.
+measurements are interleaved (one run of each per round, the order rotating) so that a change in the machine's
+load hits them alike, and timed in process CPU time (with one thread, the work of the run, whatever else the
+machine runs; the wall-clock medians are in the JSON too).
 Torch runs on `--threads` threads, 1 by default: the machines are shared, and with 2 OpenMP threads on a busy
 2-core machine every parallel op of the 512-token forward waits for a descheduled thread (5-10x slower, erratic).
 
@@ -26,7 +28,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,10 @@ import vpit
 from vpit.generation import generate, generate_no_cache
 from vpit.tiny import save_tiny_llama, save_tiny_open_clip
 
+from .common import timed_runs
+
 PROMPT_LENGTH = 512
 K = 64
-
-
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall-clock seconds of each function: one warm-up call each, then `repeats` rounds of one call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def build(folder: Path) -> tuple[vpit.VPiTForCausalLM, vpit.VPiTProcessor]:
@@ -78,7 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, processor = build(Path(tmp))
     params = sum(p.numel() for p in model.parameters())
-    start_id, _, _ = model._token_ids()
+    start_id, _, _ = model.image_token_ids()
     tokenizer = processor.tokenizer
     text_vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids and i < start_id]
     picks = torch.randint(len(text_vocab), (PROMPT_LENGTH - 1,), generator=torch.Generator().manual_seed(0))
@@ -97,7 +87,7 @@ def main() -> None:
     assert len(cached_out.images[0]) == 1, "the 64 steps after <image_start> must be exactly one image"
     max_diff = float((cached_out.images[0][0] - reference_out.images[0][0]).abs().max())
 
-    t = median_times(
+    wall, cpu = timed_runs(
         {
             "image_cached": lambda: generate(model, image_prompt, max_new_tokens=K),
             "image_no_cache": lambda: generate_no_cache(model, image_prompt, max_new_tokens=K),
@@ -109,6 +99,7 @@ def main() -> None:
         },
         args.repeats,
     )
+    t = {name: statistics.median(values) for name, values in cpu.items()}
     per_step = {
         "visual": t["image_cached"] / K,
         "hf_text": t["hf_text"] / K,
@@ -125,7 +116,9 @@ def main() -> None:
         "model": f"VPiT: Llama 4x256 + open_clip ViT 2x48 @32px, K={K}, {params / 1e6:.2f} M parameters",
         "prompt_length": PROMPT_LENGTH,
         "repeats": args.repeats,
+        "clock": "process CPU time",
         "seconds": t,
+        "wall_seconds": {name: statistics.median(values) for name, values in wall.items()},
         "image_speedup_cache_vs_no_cache": t["image_no_cache"] / t["image_cached"],
         "per_step_seconds_with_prefill": per_step,
         "per_step_seconds_decode_only": decode_step,

@@ -21,9 +21,10 @@ def text_loss(
         num_items_in_batch: the count to divide by when gradients are accumulated over several micro-batches
             (the number of labelled tokens in the whole accumulated batch); defaults to this batch's count.
     """
-    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].flatten().to(shift_logits.device)  # (B*(T-1),)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # Shift the labels, not the logits (as transformers does): slicing (B, T, V) logits would copy them, and their
+    # gradient, every step. The last position gets label -100.
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten().to(logits.device)  # (B*T,)
+    total = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
     if isinstance(num_items_in_batch, torch.Tensor):

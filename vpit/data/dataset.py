@@ -64,6 +64,7 @@ class SkipLog:
                 "position": position,
             }
             # One short line per write, opened in append mode: lines from several workers never interleave.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as handle:
                 handle.write(json.dumps(entry) + "\n")
         seen = self.used + self.skipped
@@ -80,7 +81,7 @@ class _Records:
 
     def __init__(self, card: DataCard, use_sample: bool):
         self.streaming = card.location(use_sample).streaming
-        self._card, self._use_sample = card, use_sample
+        self._card, self.use_sample = card, use_sample
         self._rows: list[RawRecord] | None = None if self.streaming else list(card.records(use_sample))
         self._stream: Iterator[RawRecord] | None = None
         self._next = 0
@@ -94,7 +95,7 @@ class _Records:
         if self._rows is not None:
             return self._rows[index]
         if self._stream is None or index < self._next:  # first use, or the stream wrapped at its cap
-            self._stream, self._next = iter(self._card.records(self._use_sample)), 0
+            self._stream, self._next = iter(self._card.records(self.use_sample)), 0
         while True:
             position, record = next(self._stream)
             self._next = position + 1
@@ -170,7 +171,7 @@ class VPiTDataset(IterableDataset):
         try:
             if isinstance(record, RecordError):
                 raise record
-            sample = card.to_sample(index, record)
+            sample = card.to_sample(index, record, use_sample=self.records[source].use_sample)
             if self.encode is not None:
                 encoded = self.encode(sample)
             else:
