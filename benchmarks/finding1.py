@@ -1,6 +1,6 @@
 """MetaMorph's Finding 1 on the toy world: does visual understanding data make visual generation cheap?
 
-    python -m benchmarks.finding1 [--sizes 100 300 1000 3000] [--steps 250] [--work outputs/finding1]
+    python -m benchmarks.finding1 [--sizes 100 300 1000 3000] [--steps 150] [--work outputs/finding1]
 
 The paper (arXiv 2412.14164, Fig. 2) trains with growing amounts of generation data, with and without visual
 understanding data, and finds that generation ability unlocks with far less generation data when understanding
@@ -18,7 +18,7 @@ on the language model.
 Needs `make demo` first (it builds outputs/toy: data, backbones, bridge and decoder); run from the repository
 root. Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
 line per arm), and copies the table and plot to benchmarks/results/. Budget: about 20 minutes on 2 CPU cores with
-the defaults (8 runs of 250 steps + 8 generation evaluations).
+the defaults (8 runs of 150 steps + 8 generation evaluations).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 3000])
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps of every run")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run")
     parser.add_argument("--toy", type=Path, default=ROOT / "outputs" / "toy", help="what `make demo` built")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "finding1")
     parser.add_argument("--decoder-steps", type=int, default=15, help="denoising steps when scoring")

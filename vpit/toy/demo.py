@@ -98,8 +98,13 @@ def _train(stage: str, overrides: dict[str, Any]) -> None:
 
 
 def _summary(run: Path) -> dict[str, Any]:
+    """The run's summary.json, or (the decoder stage writes none) its last logged step from history.jsonl."""
     path = run / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    lines = (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").is_file() else []
+    rows = [json.loads(line) for line in lines]
+    return {"steps": int(rows[-1]["step"]), "final": rows[-1]} if rows else {}
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -283,6 +283,8 @@ def evaluate_toy(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     pipe = VPiTPipeline.from_pretrained(model_dir, decoder=decoder_dir)
+    if pipe.decoder is not None:
+        pipe.decoder.set_progress_bar_config(disable=True)  # the evaluation's own bars count the images
     understanding = evaluate_understanding(pipe, settings, progress)
     generation, examples = evaluate_generation(pipe, settings, progress)
     reconstruction, pairs = evaluate_reconstruction(pipe, settings, progress)
