@@ -195,7 +195,7 @@ def run(recipe: Recipe) -> Path:
         cards = [entry.load() for entry in parse_mixture(recipe.data.eval_mixture or recipe.data.mixture)]
         held_out = [
             load_image(s.images[-1], s.image_root)
-            for s in held_out_samples(cards, cards[0].task, 0, 1, settings.validation_images)
+            for s in held_out_samples(cards, cards[0].task, 0, 1, settings.validation_images, recipe.data.use_sample)
             if s.images
         ]
 

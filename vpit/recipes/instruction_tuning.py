@@ -79,13 +79,15 @@ def _evaluator(
     eval_batches = iter(eval_loader)
     num_batches = max(1, per_rank // recipe.data.batch_size)
     cards = [entry.load() for entry in parse_mixture(recipe.data.eval_mixture)]
-    questions = held_out_samples(cards, "understanding", rank, world, per_rank)
+    questions = held_out_samples(cards, "understanding", rank, world, per_rank, recipe.data.use_sample)
     decoder, prompts = None, []
     if recipe.train.eval_decoder:
         from ..decoder import VPiTDecoderPipeline
 
         decoder = VPiTDecoderPipeline.from_pretrained(recipe.train.eval_decoder)
-        prompts = [s.messages[0]["content"] for s in held_out_samples(cards, "generation", 0, 1, 8)]
+        prompts = [
+            s.messages[0]["content"] for s in held_out_samples(cards, "generation", 0, 1, 8, recipe.data.use_sample)
+        ]
 
     def evaluate(step: int) -> dict[str, float]:
         results = evaluate_losses(accelerator, model, eval_batches, num_batches)

@@ -32,18 +32,21 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
-def held_out_samples(cards: Sequence[DataCard], task: str, rank: int, world: int, per_rank: int) -> list[Sample]:
+def held_out_samples(
+    cards: Sequence[DataCard], task: str, rank: int, world: int, per_rank: int, use_sample: bool = False
+) -> list[Sample]:
     """The first `per_rank * world` usable samples of the cards of `task`, this rank's share (the same count on
-    every rank). Bad records are left out here; the validation report lists them."""
+    every rank), from each card's source (or its shipped sample with `use_sample`). Bad records are left out here;
+    the validation report lists them."""
     chosen: list[Sample] = []
     for card in cards:
         if card.task != task:
             continue
-        for index, record in card.records():
+        for index, record in card.records(use_sample):
             if isinstance(record, RecordError):
                 continue
             try:
-                chosen.append(card.to_sample(index, record))
+                chosen.append(card.to_sample(index, record, use_sample=use_sample))
             except RecordError:
                 continue
             if len(chosen) == per_rank * world:
