@@ -16,8 +16,18 @@ from vpit.toy.backbones import build_toy_backbones, pixels, pretrain_toy_clip
 from vpit.toy.world import ToyObject, render
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests train for a few steps on small batches, where a second thread costs more than it gains on a
+    shared CPU (measured: 2 threads up to 5x slower than 1 when other jobs load the machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
+def backbones(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("toy-backbones")
     return out, build_toy_backbones(out, seed=0, fast=True)
 
@@ -111,3 +121,11 @@ def test_clip_pretraining_is_deterministic(tmp_path):
 def test_clip_batch_size_is_validated(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size must be in 2\.\.180"):
         pretrain_toy_clip(tmp_path, steps=1, batch_size=181)
+
+
+def test_vae_config_validates_its_downsamplings():
+    from vpit.toy.backbones import toy_vae_config
+
+    assert len(toy_vae_config(downsamplings=3)["block_out_channels"]) == 4
+    with pytest.raises(ValueError, match="downsamplings must be 2"):
+        toy_vae_config(downsamplings=4)
