@@ -53,14 +53,13 @@ from transformers import (
 )
 
 from ..configuration_vpit import VPiTVisionConfig
+from ..data.formats import GENERATION_RESPONSE, GENERATION_TEMPLATES
 from ..processing_vpit import DEFAULT_CHAT_TEMPLATE
 from ..tiny import train_bpe_tokenizer
 from ..vision import VisionEncoder
 from .world import (
     ATTRIBUTES,
     COLOURS,
-    GENERATION_RESPONSE,
-    GENERATION_TEMPLATES,
     POSITIONS,
     QUESTION_KINDS,
     QUESTIONS,

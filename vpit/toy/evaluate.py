@@ -35,11 +35,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from ..data.formats import GENERATION_TEMPLATES
 from ..pipeline import VPiTPipeline
 from .judge import judge
 from .world import (
     ATTRIBUTES,
-    GENERATION_TEMPLATES,
     QUESTION_KINDS,
     QUESTIONS,
     ToyObject,

@@ -26,12 +26,15 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+# The generation instructions are vpit's caption-format defaults (the toy cards use the same list).
+from ..data.formats import GENERATION_TEMPLATES
 
 Colour = tuple[int, int, int]
 
@@ -67,16 +70,6 @@ POSITIONS = tuple(ANCHORS)
 JITTER = 0.04
 HELD_OUT = frozenset({("purple", "triangle"), ("orange", "square"), ("green", "circle")})
 ATTRIBUTES = ("size", "colour", "shape", "position")
-
-GENERATION_TEMPLATES = (
-    "Generate an image of {caption}.",
-    "Draw {caption}.",
-    "Create a picture of {caption}.",
-    "Produce an image showing {caption}.",
-    "Can you show me an image of {caption}?",
-    "Make an image of {caption}.",
-)
-GENERATION_RESPONSE = "Here is an image based on your request: <image>"
 
 
 @dataclass(frozen=True)
@@ -298,8 +291,3 @@ def toy_text_corpus(rng: random.Random, n: int) -> list[str]:
             )
         )
     return lines
-
-
-def split_objects(objects: Sequence[ToyObject]) -> tuple[list[ToyObject], list[ToyObject]]:
-    """(in-distribution, held-out) objects."""
-    return [o for o in objects if not o.held_out], [o for o in objects if o.held_out]
