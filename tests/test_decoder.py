@@ -577,3 +577,16 @@ def test_sampling_and_loss_on_cuda_with_a_cpu_generator():
     )
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.timesteps.device.type == "cuda"
+
+
+def test_toy_components_use_a_given_trained_vae_and_size_the_unet_to_its_latents():
+    from vpit.toy.backbones import toy_vae_config
+
+    vae = AutoencoderKL(**toy_vae_config(64, downsamplings=2))  # 64 px -> 16x16x4, like the trained toy VAE
+    parts = toy_decoder_components(vision_hidden_size=DV, num_visual_tokens=4, vae=vae)
+    assert parts["vae"] is vae and not any(p.requires_grad for p in vae.parameters())
+    assert parts["unet"].config.sample_size == 16
+    pipe = VPiTDecoderPipeline(**parts)
+    assert pipe(visual_tokens=torch.randn(1, 4, DV), num_inference_steps=1).images[0].size == (64, 64)
+    with pytest.raises(ValueError, match="pixel-space"):
+        toy_decoder_components(vision_hidden_size=DV, num_visual_tokens=4, vae=vae, latent=False)

@@ -90,3 +90,18 @@ def test_numbers_are_coerced_and_checked():
     assert recipe_from_dict(_minimal(optim={"lr": "3e-4", "warmup_steps": "5"})).optim.lr == 3e-4
     with pytest.raises(ValueError, match=r"optim\.lr must be a number, got 'fast'"):
         recipe_from_dict(_minimal(optim={"lr": "fast"}))
+
+
+def test_torch_threads_key_sets_torch_threads(tmp_path):
+    import torch
+
+    from vpit.training.components import build_accelerator
+
+    before = torch.get_num_threads()
+    recipe = recipe_from_dict(_minimal(train={"output_dir": str(tmp_path), "torch_threads": 1}))
+    try:
+        torch.set_num_threads(2)
+        build_accelerator(recipe)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
