@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import encode_conversations
 from diffusers import AutoencoderKL
+from open_clip.pos_embed import get_2d_sincos_pos_embed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,9 +40,30 @@ def test_folders_have_the_standard_layouts(backbones):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= llm
     assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in (out / "vae").iterdir()}
     assert json.loads((out / "backbones.json").read_text()) == json.loads(json.dumps(report))
-    assert set(report["seconds"]) == {"clip", "tokenizer", "llm", "vae"}
+    assert set(report["seconds"]) == {"clip", "tokenizer", "llm", "vae", "wall"}
     clip_config = json.loads((out / "clip" / "open_clip_config.json").read_text())
     assert clip_config["preprocess_cfg"] == {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_same_backbones(backbones, tmp_path):
+    """workers=2 trains the CLIP and the Llama + VAE in two processes (one thread each, like this module): the same
+    seeds, so the same weights as training them here one after the other."""
+    from safetensors.torch import load_file
+
+    out, report = backbones
+    parallel = build_toy_backbones(tmp_path, seed=0, fast=True, workers=2)
+    assert parallel["workers"] == 2 and parallel["metrics"] == report["metrics"]
+    for weights in (
+        "clip/open_clip_model.safetensors",
+        "llm/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
+        ours, theirs = load_file(out / weights), load_file(tmp_path / weights)
+        assert ours.keys() == theirs.keys(), weights
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), weights
+    with pytest.raises(ValueError, match="workers must be 1"):
+        build_toy_backbones(tmp_path, fast=True, workers=3)
 
 
 def test_training_reduced_every_loss(backbones):
@@ -60,6 +82,10 @@ def test_clip_loads_through_open_clip_and_vpit_assembles_the_backbones(backbones
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out / 'clip'}")
     image = preprocess(render(ToyObject("small", "red", "circle", "left"))).unsqueeze(0)
     assert torch.equal(image, pixels([render(ToyObject("small", "red", "circle", "left"))]))
+    # The fixed 2-D sin-cos position table (8x8 grid + a zero row for the unused class token), untouched by training.
+    table = torch.from_numpy(get_2d_sincos_pos_embed(128, 8, cls_token=True)).float()
+    assert torch.equal(model.visual.positional_embedding, table)
+    assert not model.visual.positional_embedding.requires_grad
 
     torch.manual_seed(0)
     model, processor = vpit.assemble(out / "llm", f"local-dir:{out / 'clip'}", num_visual_tokens=16)

@@ -63,7 +63,9 @@ def _toy_data(args: argparse.Namespace) -> int:
 def _toy_backbones(args: argparse.Namespace) -> int:
     from .toy.backbones import build_toy_backbones
 
-    metrics = build_toy_backbones(args.out, seed=args.seed, fast=args.fast)
+    metrics = build_toy_backbones(
+        args.out, seed=args.seed, fast=args.fast, vae_downsamplings=args.vae_downsamplings, workers=args.workers
+    )
     print(json.dumps(metrics, indent=2, default=str))
     return 0
 
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy_backbones.add_argument("--out", default="outputs/toy/backbones")
     toy_backbones.add_argument("--seed", type=int, default=0)
     toy_backbones.add_argument("--fast", action="store_true", help="a few steps each (smoke test)")
+    toy_backbones.add_argument("--vae-downsamplings", type=int, default=2, help="2: 16x16x4 latents; 3: 8x8x4")
+    toy_backbones.add_argument(
+        "--workers", type=int, default=1, choices=(1, 2), help="2: CLIP and LLM + VAE in two processes at once"
+    )
     toy_backbones.set_defaults(func=_toy_backbones)
 
     evaluate = commands.add_parser("eval", help="evaluate a model")

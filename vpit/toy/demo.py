@@ -1,6 +1,6 @@
 """`make demo` / `python -m vpit.toy.demo`: the whole VPiT loop on the toy world, end to end on a CPU.
 
-    python -m vpit.toy.demo --out outputs/demo [--work outputs/toy] [--fast]
+    python -m vpit.toy.demo --out outputs/demo [--work outputs/toy] [--fast] [--workers 1|2]
 
 Steps, each timed and shown with a progress bar:
 
@@ -10,6 +10,10 @@ Steps, each timed and shown with a progress bar:
 3. the three training stages, each through the real entry point (`python -m vpit.train recipes/toy/*.yaml` with
    overrides that point at WORK): `bridge` (LLM frozen), `vpit` (LLM + bridge + visual head), `decoder`;
 4. `vpit eval toy` on fresh renders.
+
+On two or more cores, two processes (one torch thread each) train at once: the CLIP alongside the Llama + VAE, and
+the decoder alongside the VPiT stage (the decoder needs only the frozen vision encoder, which the bridge-stage model
+already holds); the decoder's output then goes to WORK/decoder.log. `--workers 1` runs everything in turn.
 
 OUT receives `model/` (the VPiT folder), `decoder/` (the diffusers folder), `report.md` + `report.json`, the grids
 (`generation_grid.png`: prompt -> generated image, `reconstruction_grid.png`: image -> reconstruction) and
@@ -88,13 +92,49 @@ def _mixture(work: Path, kinds: dict[str, float]) -> str:
     return "[" + ", ".join(entries) + "]"
 
 
+def _command(stage: str, overrides: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "vpit.train", str(RECIPES / f"{stage}.yaml")] + [
+        f"{k}={v}" for k, v in overrides.items()
+    ]
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+
 def _train(stage: str, overrides: dict[str, Any]) -> None:
-    command = [sys.executable, "-m", "vpit.train", str(RECIPES / f"{stage}.yaml")]
-    command += [f"{key}={value}" for key, value in overrides.items()]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=ROOT, env=env, check=False)
+    command = _command(stage, overrides)
+    result = subprocess.run(command, cwd=ROOT, env=_environment(), check=False)
     if result.returncode != 0:
         raise SystemExit(f"the {stage} stage failed (exit {result.returncode}): {' '.join(command)}")
+
+
+def _train_side_by_side(
+    front: tuple[str, dict[str, Any]], back: tuple[str, dict[str, Any]], log: Path
+) -> dict[str, float]:
+    """Train two stages at once, each in its own process: `front` shows its progress here, `back` writes its output
+    to `log`. Returns each stage's wall seconds; if either fails, stops the other and raises SystemExit."""
+    back_stage, back_overrides = back
+    start = time.perf_counter()
+    with log.open("w") as stream:
+        background = subprocess.Popen(
+            _command(back_stage, back_overrides), cwd=ROOT, env=_environment(), stdout=stream, stderr=subprocess.STDOUT
+        )
+        seconds: dict[str, float] = {}
+        try:
+            _train(*front)
+            seconds[front[0]] = time.perf_counter() - start
+            print(f"\n(waiting for the {back_stage} stage, log: {log})", flush=True)
+            code = background.wait()
+        finally:
+            if background.poll() is None:
+                background.terminate()
+                background.wait()
+    seconds[back_stage] = time.perf_counter() - start
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"the {back_stage} stage failed (exit {code}); the end of {log}:\n{tail}")
+    return seconds
 
 
 def _summary(run: Path) -> dict[str, Any]:
@@ -113,11 +153,19 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
 
 
-def run_demo(out: Path, work: Path, plan: DemoPlan, progress: bool = True) -> dict[str, Any]:
+def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None) -> dict[str, Any]:
+    """Run the plan; return the report (also written to OUT/report.json and OUT/report.md).
+
+    workers: how many processes train at once (default: 2 when the machine has 2 or more cores, else 1). With 2,
+        the CLIP trains alongside the Llama + VAE, and the decoder stage alongside the VPiT stage, each process on
+        one torch thread.
+    """
     from .backbones import build_toy_backbones
     from .evaluate import EvalSettings, evaluate_toy, markdown_report, meets_targets
     from .world import write_toy_data
 
+    if workers is None:
+        workers = 2 if (os.cpu_count() or 1) >= 2 else 1
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -125,17 +173,17 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, progress: bool = True) -> di
         print(f"\n=== {name} ===", flush=True)
         return time.perf_counter()
 
-    start = step("1/6 toy data")
+    start = step("toy data")
     write_toy_data(work / "data", plan.data, seed=0)
     timings["data"] = time.perf_counter() - start
 
-    start = step("2/6 backbones: toy CLIP, tokenizer + Llama, VAE")
-    backbones = build_toy_backbones(work / "backbones", seed=0, fast=plan.backbones_fast)
+    start = step("backbones: toy CLIP, tokenizer + Llama, VAE")
+    backbones = build_toy_backbones(work / "backbones", seed=0, fast=plan.backbones_fast, workers=min(workers, 2))
     timings["backbones"] = time.perf_counter() - start
 
     runs = {stage: work / stage for stage in ("bridge", "vpit", "decoder")}
     common = {"tracking.report_to": "[]"}
-    start = step("3/6 stage 1: bridge (LLM frozen)")
+    start = step("stage 1: bridge (LLM frozen)")
     _train(
         "bridge",
         {
@@ -149,8 +197,9 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, progress: bool = True) -> di
     )
     timings["bridge"] = time.perf_counter() - start
 
-    start = step("4/6 stage 2: VPiT (LLM + bridge + visual head)")
-    _train(
+    # The decoder needs only the frozen vision encoder, which the bridge-stage model already holds (the VPiT stage
+    # does not change it): so it trains from there, and on two or more cores alongside the VPiT stage.
+    vpit_stage = (
         "vpit",
         {
             **common,
@@ -160,23 +209,34 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, progress: bool = True) -> di
             **plan.vpit,
         },
     )
-    timings["vpit"] = time.perf_counter() - start
-
-    start = step("5/6 stage 3: diffusion decoder")
-    _train(
+    decoder_stage = (
         "decoder",
         {
             **common,
-            "model.pretrained": runs["vpit"] / "final",
+            "model.pretrained": runs["bridge"] / "final",
             "decoder.vae": work / "backbones" / "vae",
             "data.mixture": _mixture(work, {"generation": 1.0, "understanding": 1.0}),
             "train.output_dir": runs["decoder"],
             **plan.decoder,
         },
     )
-    timings["decoder"] = time.perf_counter() - start
+    if workers >= 2:
+        log = work / "decoder.log"
+        start = step(
+            f"stage 2: VPiT (LLM + bridge + visual head), with stage 3, the diffusion decoder, alongside ({log})"
+        )
+        stage_seconds = _train_side_by_side(vpit_stage, decoder_stage, log)
+        timings["vpit + decoder, side by side"] = time.perf_counter() - start
+    else:
+        stage_seconds = {}
+        for number, (job, title) in enumerate(
+            ((vpit_stage, "VPiT (LLM + bridge + visual head)"), (decoder_stage, "diffusion decoder")), start=2
+        ):
+            start = step(f"stage {number}: {title}")
+            _train(*job)
+            timings[job[0]] = stage_seconds[job[0]] = time.perf_counter() - start
 
-    start = step("6/6 evaluation (vpit eval toy)")
+    start = step("evaluation (vpit eval toy)")
     settings = EvalSettings(**plan.eval)
     evaluation = evaluate_toy(runs["vpit"] / "final", runs["decoder"] / "final", out=out, settings=settings)
     timings["eval"] = time.perf_counter() - start
@@ -191,6 +251,8 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, progress: bool = True) -> di
     report = {
         "plan": asdict(plan),
         "timings_s": {k: round(v, 1) for k, v in timings.items()} | {"total": round(sum(timings.values()), 1)},
+        "workers": workers,
+        "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
         "backbones": backbones,
         "training": {stage: _summary(run) for stage, run in runs.items()},
         "evaluation": evaluation,
@@ -232,9 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where the results go")
     parser.add_argument("--work", type=Path, default=Path("outputs/toy"), help="data, backbones and run folders")
     parser.add_argument("--fast", action="store_true", help="a few steps of everything (a smoke run)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="processes training at once (default: 2 on a machine with 2 or more cores)",
+    )
     args = parser.parse_args(argv)
     plan = DemoPlan.fast() if args.fast else DemoPlan.full()
-    run_demo(args.out.resolve(), args.work.resolve(), plan)
+    run_demo(args.out.resolve(), args.work.resolve(), plan, workers=args.workers)
     return 0
 
 
