@@ -9,10 +9,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from vpit.toy import ToyObject, render
-from vpit.toy.evaluate import TARGETS, markdown_report, meets_targets, normalise_answer
+from vpit.toy.evaluate import TARGETS, markdown_report, meets_targets, nearest_composition, normalise_answer
+from vpit.toy.world import compositions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +112,24 @@ def test_answer_normalisation_and_targets():
     }
     markdown = markdown_report(report)
     assert "| generation, all four right, held-out compositions (n=30) | 40.0% | >= 50% |" in markdown
+    report["generation"]["tokens"] = {"in_distribution": accuracy, "held_out": {**accuracy, "all": 0.8, "n": 30.0}}
+    markdown = markdown_report(report)
+    assert "| held-out, token space | 100.0% | 100.0% | 100.0% | 100.0% | 80.0% |" in markdown
+
+
+def test_token_space_scoring_picks_the_nearest_prototype():
+    objects = [ToyObject(*c) for c in compositions()[:3]]
+    prototypes = torch.eye(3, 8)  # three unit vectors, as (K=2) x (Dv=4) tokens flattened
+    tokens = torch.tensor([[0.1, 0.0, 0.9, 0.0], [0.0, 0.0, 0.0, 0.0]])  # nearest: the third prototype
+    assert nearest_composition(tokens, objects, prototypes) == objects[2]
+    assert nearest_composition(-tokens, objects, prototypes) != objects[2]
+
+
+@pytest.mark.slow
+def test_fast_demo_scores_generation_in_token_space(demo):
+    out, _, _ = demo
+    generation = json.loads((out / "report.json").read_text())["evaluation"]["generation"]
+    for split, n in (("in_distribution", 150), ("held_out", 30)):
+        tokens = generation["tokens"][split]
+        assert tokens["n"] == n and 0.0 <= tokens["all"] <= min(tokens[k] for k in ("size", "colour", "shape"))
+    assert "token space" in (out / "report.md").read_text()

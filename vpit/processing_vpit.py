@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ class VPiTProcessor:
 
     # ----------------------------------------------------------------------------------------- images
 
-    def preprocess_images(self, images: list[ImageSource]) -> torch.Tensor:
+    def preprocess_images(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Images (PIL, paths, bytes) -> (I, 3, S, S): decoded, EXIF-oriented and converted to RGB by
         `vpit.data.records.load_image` (transparency onto white, 16-bit scaled), then the encoder's transform."""
         return torch.stack([self.image_transform(load_image(image)) for image in images])

@@ -9,7 +9,9 @@ Three measurements, all on fresh seeded renders (a seed stream of their own, dis
   -> its first generated image's visual tokens -> the decoder -> the judge. Accuracy per attribute and
   all-four-correct, on in-distribution captions (every non-held-out composition) and on the held-out
   compositions (purple triangle, orange square, green circle, never a training target). A reply with no image
-  counts as wrong on every attribute.
+  counts as wrong on every attribute. The same replies are also scored in token space, without the decoder: the
+  composition whose prototype (the mean encoder tokens of a few renders of it) is nearest in cosine to the
+  predicted tokens. The gap between the two tells the language model's share of the errors from the decoder's.
 - reconstruction: render -> the decoder's vision encoder -> visual tokens -> the decoder -> the judge, on every
   composition.
 
@@ -68,6 +70,7 @@ class EvalSettings:
     guidance_scale: float = 3.0
     seed: int = 1234
     grid_examples: int = 12
+    prototype_renders: int = 4  # renders per composition averaged into its token-space prototype
 
 
 def normalise_answer(text: str) -> str:
@@ -116,8 +119,10 @@ def evaluate_understanding(pipe: VPiTPipeline, settings: EvalSettings, progress:
 
 def _generate_images(
     pipe: VPiTPipeline, prompts: list[str], settings: EvalSettings, desc: str, progress: bool
-) -> list[Image.Image | None]:
+) -> tuple[list[Image.Image | None], list[torch.Tensor | None]]:
+    """Each prompt's first generated image, decoded, and its predicted visual tokens (K, Dv); None without one."""
     images: list[Image.Image | None] = []
+    tokens: list[torch.Tensor | None] = []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
     for i, batch in enumerate(_batches(prompts, settings.batch_size)):
         outputs = pipe(
@@ -129,9 +134,30 @@ def _generate_images(
             seed=settings.seed + i,
         )
         images += [output.images[0] if output.images else None for output in outputs]
+        tokens += [output.visual_tokens[0] if output.visual_tokens else None for output in outputs]
         bar.update(len(batch))
     bar.close()
-    return images
+    return images, tokens
+
+
+def composition_prototypes(pipe: VPiTPipeline, renders: int, seed: int) -> tuple[list[ToyObject], torch.Tensor]:
+    """Every composition (jitter 0) and its prototype: the mean of the encoder tokens of `renders` jittered renders,
+    flattened to (K * Dv,) and L2-normalised; (180, K * Dv) in all."""
+    rng = random.Random(f"eval-prototypes:{seed}")
+    objects = [ToyObject(*c) for c in compositions()]
+    prototypes = []
+    for obj in objects:
+        images = [render(jittered(rng, obj.size, obj.colour, obj.shape, obj.position)) for _ in range(renders)]
+        pixels = pipe.processor.preprocess_images(images).to(pipe.device)
+        with torch.inference_mode():
+            prototypes.append(pipe.model.encode_images(pixels).float().mean(0).flatten())
+    return objects, torch.nn.functional.normalize(torch.stack(prototypes), dim=-1)
+
+
+def nearest_composition(tokens: torch.Tensor, objects: list[ToyObject], prototypes: torch.Tensor) -> ToyObject:
+    """The composition whose prototype is nearest in cosine to the (K, Dv) visual tokens."""
+    query = torch.nn.functional.normalize(tokens.detach().float().flatten().to(prototypes.device), dim=0)
+    return objects[int((prototypes @ query).argmax())]
 
 
 def evaluate_generation(
@@ -141,16 +167,28 @@ def evaluate_generation(
     rng = random.Random(f"eval-generation:{settings.seed}")
     objects = [jittered(rng, *c) for c in compositions() for _ in range(settings.generation_repeats)]
     prompts = [rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption) for obj in objects]
-    images = _generate_images(pipe, prompts, settings, "eval: generation", progress)
+    images, tokens = _generate_images(pipe, prompts, settings, "eval: generation", progress)
+    prototype_objects, prototypes = composition_prototypes(pipe, settings.prototype_renders, settings.seed)
+    wrong = dict.fromkeys((*ATTRIBUTES, "all"), False)
     flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
+    token_flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
     examples = []
-    for obj, prompt, image in zip(objects, prompts, images, strict=True):
-        match = judge(image).matches(obj) if image is not None else dict.fromkeys((*ATTRIBUTES, "all"), False)
-        flags["held_out" if obj.held_out else "in_distribution"].append(match)
+    for obj, prompt, image, predicted in zip(objects, prompts, images, tokens, strict=True):
+        split = "held_out" if obj.held_out else "in_distribution"
+        match = judge(image).matches(obj) if image is not None else wrong
+        flags[split].append(match)
+        nearest = None if predicted is None else nearest_composition(predicted, prototype_objects, prototypes)
+        token_flags[split].append(wrong if nearest is None else _same(nearest, obj))
         examples.append((obj, prompt, image, match["all"]))
     result: dict[str, Any] = {split: _accuracy(f) for split, f in flags.items()}
+    result["tokens"] = {split: _accuracy(f) for split, f in token_flags.items()}
     result["no_image"] = sum(image is None for image in images)
     return result, examples
+
+
+def _same(found: ToyObject, expected: ToyObject) -> dict[str, bool]:
+    flags = {attribute: getattr(found, attribute) == getattr(expected, attribute) for attribute in ATTRIBUTES}
+    return {**flags, "all": all(flags.values())}
 
 
 def evaluate_reconstruction(
@@ -260,7 +298,20 @@ def markdown_report(report: dict[str, Any]) -> str:
     for split in ("in_distribution", "held_out"):
         acc = g[split]
         lines.append(f"| {split.replace('_', '-')} | " + " | ".join(_pct(acc[k]) for k in (*ATTRIBUTES, "all")) + " |")
+    for split in ("in_distribution", "held_out") if "tokens" in g else ():
+        acc = g["tokens"][split]
+        lines.append(
+            f"| {split.replace('_', '-')}, token space | "
+            + " | ".join(_pct(acc[k]) for k in (*ATTRIBUTES, "all"))
+            + " |"
+        )
     lines.append("| reconstruction | " + " | ".join(_pct(r[k]) for k in (*ATTRIBUTES, "all")) + " |")
+    if "tokens" in g:
+        lines += [
+            "",
+            "Token space: the predicted visual tokens scored without the decoder, as the composition whose prototype "
+            "(mean encoder tokens of a few renders) is nearest in cosine.",
+        ]
     if g.get("no_image"):
         lines += ["", f"{g['no_image']} generation prompt(s) got a reply without an image (counted wrong)."]
     if u["mistakes"]:
