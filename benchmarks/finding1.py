@@ -10,10 +10,11 @@ data is in the mix. The toy analogue: for each generation-data size N, two VPiT 
 - "generation only": the mixture is the first N toy generation records;
 - "+ understanding": the same N generation records plus the toy understanding set (6000 records), sampled 1:1.
 
-Each run is scored by `vpit eval toy`'s generation measurement (fresh renders of every composition, the model's
-own greedy answer, the demo's decoder, the pixel judge): all-four-correct on in-distribution and on held-out
-compositions. The decoder is shared by all runs: it maps the vision encoder's tokens to pixels and does not depend
-on the language model.
+Each run is scored by `vpit eval toy`'s generation measurement (every composition, the model's own greedy answer):
+all-four-correct on in-distribution and on held-out compositions, twice: decoded by the demo's decoder and judged
+in pixels, and in token space (the composition whose prototype tokens are nearest to the predicted ones). The
+decoder is shared by all runs: it maps the vision encoder's tokens to pixels and does not depend on the language
+model; the token-space figure is the language model's alone.
 
 Needs `make demo` first (it builds outputs/toy: data, backbones, bridge and decoder); run from the repository
 root. Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
@@ -85,15 +86,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for ax, split, title in zip(axes, ("in_distribution", "held_out"), ("in-distribution", "held-out"), strict=True):
-        for arm, style in (("generation only", "o--"), ("+ understanding", "s-")):
+        for arm, colour in (("generation only", "tab:orange"), ("+ understanding", "tab:blue")):
             rows = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["n_generation"])
-            ax.plot([r["n_generation"] for r in rows], [100 * r[split]["all"] for r in rows], style, label=arm)
+            sizes = [r["n_generation"] for r in rows]
+            ax.plot(sizes, [100 * r["tokens"][split]["all"] for r in rows], "s-", color=colour, label=f"{arm}, tokens")
+            ax.plot(sizes, [100 * r[split]["all"] for r in rows], "o--", color=colour, label=f"{arm}, decoded")
         ax.set_xscale("log")
         ax.set_xlabel("generation records")
         ax.set_title(f"generation, all four right: {title}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -101,14 +104,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| generation records | arm | in-distribution all four | held-out all four | colour | shape | size | position |",
-        "|---|---|---|---|---|---|---|---|",
+        "| generation records | arm | tokens: in-distribution | tokens: held-out | decoded: in-distribution "
+        "| decoded: held-out | tokens: colour | shape | size | position |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["n_generation"], r["arm"])):
-        ind, held = r["in_distribution"], r["held_out"]
+        tokens = r["tokens"]["in_distribution"]
         lines.append(
-            f"| {r['n_generation']} | {r['arm']} | {100 * ind['all']:.1f}% | {100 * held['all']:.1f}% | "
-            + " | ".join(f"{100 * ind[k]:.0f}%" for k in ("colour", "shape", "size", "position"))
+            f"| {r['n_generation']} | {r['arm']} | {100 * tokens['all']:.1f}% | "
+            f"{100 * r['tokens']['held_out']['all']:.1f}% | {100 * r['in_distribution']['all']:.1f}% | "
+            f"{100 * r['held_out']['all']:.1f}% | "
+            + " | ".join(f"{100 * tokens[k]:.0f}%" for k in ("colour", "shape", "size", "position"))
             + " |"
         )
     return "\n".join(lines)
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toy", type=Path, default=ROOT / "outputs" / "toy", help="what `make demo` built")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "finding1")
     parser.add_argument("--decoder-steps", type=int, default=15, help="denoising steps when scoring")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and plot are copied")
     args = parser.parse_args(argv)
     toy, work = args.toy.resolve(), args.work.resolve()
     for needed in (toy / "bridge" / "final", toy / "decoder" / "final", toy / "data" / "generation"):
@@ -155,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     (work / "finding1.md").write_text(markdown)
     plot(results, work / "finding1.png")
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     for name in ("finding1.json", "finding1.md", "finding1.png"):
-        shutil.copy(work / name, RESULTS / name)
+        shutil.copy(work / name, args.results / name)
     print("\n" + markdown)
     return 0
 

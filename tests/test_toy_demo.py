@@ -133,3 +133,50 @@ def test_fast_demo_scores_generation_in_token_space(demo):
         tokens = generation["tokens"][split]
         assert tokens["n"] == n and 0.0 <= tokens["all"] <= min(tokens[k] for k in ("size", "colour", "shape"))
     assert "token space" in (out / "report.md").read_text()
+
+
+def test_finding1_trains_both_arms_per_size_and_writes_table_and_plot(tmp_path, monkeypatch):
+    """The orchestration of `python -m benchmarks.finding1`, with training and scoring replaced by recorders (each
+    is `python -m vpit.train` and `evaluate_generation`, tested on their own; a real run takes ~15 minutes)."""
+    from benchmarks import finding1
+
+    toy = tmp_path / "toy"
+    for folder in ("bridge/final", "decoder/final", "data/generation"):
+        (toy / folder).mkdir(parents=True)
+    (toy / "data" / "generation" / "records.jsonl").write_text("{}\n" * 30)
+    trained = []
+
+    def train_arm(toy_dir, run, n, with_understanding, steps):
+        trained.append((n, with_understanding, steps))
+        (run / "final").mkdir(parents=True)
+
+    def score_arm(model, decoder, steps):
+        n = int(model.parent.name[1:].split("_")[0])
+        split = dict.fromkeys(("size", "colour", "shape", "position", "all"), n / 100)
+        return {"in_distribution": split, "held_out": split, "tokens": {"in_distribution": split, "held_out": split}}
+
+    monkeypatch.setattr(finding1, "train_arm", train_arm)
+    monkeypatch.setattr(finding1, "score_arm", score_arm)
+    args = ["--sizes", "10", "30", "--steps", "7", "--toy", str(toy), "--work", str(tmp_path / "f1")]
+    assert finding1.main([*args, "--results", str(tmp_path / "results")]) == 0
+    assert trained == [(10, False, 7), (10, True, 7), (30, False, 7), (30, True, 7)]
+    report = json.loads((tmp_path / "results" / "finding1.json").read_text())
+    assert [(r["n_generation"], r["arm"]) for r in report["results"]][:2] == [
+        (10, "generation only"),
+        (10, "+ understanding"),
+    ]
+    table = (tmp_path / "results" / "finding1.md").read_text()
+    assert "| 30 | + understanding | 30.0% | 30.0% | 30.0% | 30.0% | 30% | 30% | 30% | 30% |" in table
+    assert (tmp_path / "results" / "finding1.png").stat().st_size > 0
+    assert not (tmp_path / "f1" / "n10_gen" / "final").exists()  # one model per point is not kept
+    with pytest.raises(SystemExit, match="--sizes up to 100"):
+        finding1.main(["--sizes", "100", "--toy", str(toy), "--work", str(tmp_path / "f2")])
+
+
+def test_finding1_mixture_caps_the_generation_records(tmp_path):
+    from benchmarks.finding1 import _mixture
+
+    only = _mixture(tmp_path, 300, with_understanding=False)
+    assert "toy_generation.yaml, weight: 1.0, cap: 300" in only and "understanding" not in only
+    both = _mixture(tmp_path, 300, with_understanding=True)
+    assert f"data_files: [{tmp_path / 'data' / 'understanding' / 'records.jsonl'}]" in both
