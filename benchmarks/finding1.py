@@ -1,14 +1,17 @@
 """MetaMorph's Finding 1 on the toy world: does visual understanding data make visual generation cheap?
 
-    python -m benchmarks.finding1 [--sizes 100 300 1000 3000] [--steps 150] [--work outputs/finding1]
+    python -m benchmarks.finding1 [--sizes 100 300 1000 3000] [--steps 150] [--match generation|compute]
 
 The paper (arXiv 2412.14164, Fig. 2) trains with growing amounts of generation data, with and without visual
 understanding data, and finds that generation ability unlocks with far less generation data when understanding
 data is in the mix. The toy analogue: for each generation-data size N, two VPiT runs from the same starting point
-(the toy demo's bridge-stage model: pretrained toy LLM + aligned bridge), the same number of steps and batch size:
+(the toy demo's bridge-stage model: pretrained toy LLM + aligned bridge), batch 16:
 
-- "generation only": the mixture is the first N toy generation records;
-- "+ understanding": the same N generation records plus the toy understanding set (6000 records), sampled 1:1.
+- "generation only": the mixture is the first N toy generation records, `--steps` steps;
+- "+ understanding": the same N generation records plus the demo's toy understanding set (4000 records), sampled
+  1:1. With `--match generation` (the default) it trains twice the steps, so that both arms see as many generation
+  samples and the understanding data comes on top, as in the paper; with `--match compute` it trains `--steps`
+  steps too, so half of them go to understanding.
 
 Each run is scored by `vpit eval toy`'s generation measurement (every composition, the model's own greedy answer):
 all-four-correct on in-distribution and on held-out compositions, twice: decoded by the demo's decoder and judged
@@ -19,7 +22,7 @@ model; the token-space figure is the language model's alone.
 Needs `make demo` first (it builds outputs/toy: data, backbones, bridge and decoder); run from the repository
 root. Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
 line per arm), and copies the table and plot to benchmarks/results/. Budget: about 20 minutes on 2 CPU cores with
-the defaults (8 runs of 150 steps + 8 generation evaluations).
+the defaults (4 runs of 150 steps, 4 of 300, 8 generation evaluations).
 """
 
 from __future__ import annotations
@@ -123,7 +126,13 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 3000])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the generation-only runs")
+    parser.add_argument(
+        "--match",
+        choices=("generation", "compute"),
+        default="generation",
+        help="generation: the + understanding runs train 2x the steps (as many generation samples); compute: as many",
+    )
     parser.add_argument("--toy", type=Path, default=ROOT / "outputs" / "toy", help="what `make demo` built")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "finding1")
     parser.add_argument("--decoder-steps", type=int, default=15, help="denoising steps when scoring")
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm, with_understanding in (("generation only", False), ("+ understanding", True)):
             run = work / f"n{n}_{'und' if with_understanding else 'gen'}"
             print(f"\n=== {n} generation records, {arm} ===", flush=True)
-            train_arm(toy, run, n, with_understanding, args.steps)
+            steps = 2 * args.steps if with_understanding and args.match == "generation" else args.steps
+            train_arm(toy, run, n, with_understanding, steps)
             scores = score_arm(run / "final", toy / "decoder" / "final", args.decoder_steps)
             results.append({"n_generation": n, "arm": arm, **scores})
             shutil.rmtree(run / "final")  # keep the logs and the curve, not one model per point
@@ -151,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "sizes": args.sizes,
         "steps": args.steps,
+        "match": args.match,
         "results": results,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (work / "finding1.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = (
-        f"# Finding 1 on the toy world\n\n{args.steps} steps per run, batch 16; {report['seconds']:.0f} s in all.\n\n"
+        f"# Finding 1 on the toy world\n\nGeneration only: {args.steps} steps per run; + understanding: "
+        f"{2 * args.steps if args.match == 'generation' else args.steps} (matched: {args.match}); batch 16; "
+        f"{report['seconds']:.0f} s in all.\n\n"
         + table(results)
         + "\n\n![generation accuracy vs generation data](finding1.png)\n"
     )

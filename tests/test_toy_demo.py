@@ -159,7 +159,8 @@ def test_finding1_trains_both_arms_per_size_and_writes_table_and_plot(tmp_path, 
     monkeypatch.setattr(finding1, "score_arm", score_arm)
     args = ["--sizes", "10", "30", "--steps", "7", "--toy", str(toy), "--work", str(tmp_path / "f1")]
     assert finding1.main([*args, "--results", str(tmp_path / "results")]) == 0
-    assert trained == [(10, False, 7), (10, True, 7), (30, False, 7), (30, True, 7)]
+    # --match generation (the default): the + understanding runs take twice the steps, as many generation samples.
+    assert trained == [(10, False, 7), (10, True, 14), (30, False, 7), (30, True, 14)]
     report = json.loads((tmp_path / "results" / "finding1.json").read_text())
     assert [(r["n_generation"], r["arm"]) for r in report["results"]][:2] == [
         (10, "generation only"),
@@ -169,6 +170,14 @@ def test_finding1_trains_both_arms_per_size_and_writes_table_and_plot(tmp_path, 
     assert "| 30 | + understanding | 30.0% | 30.0% | 30.0% | 30.0% | 30% | 30% | 30% | 30% |" in table
     assert (tmp_path / "results" / "finding1.png").stat().st_size > 0
     assert not (tmp_path / "f1" / "n10_gen" / "final").exists()  # one model per point is not kept
+    trained.clear()
+    assert (
+        finding1.main(
+            ["--sizes", "10", "--steps", "7", "--match", "compute", *args[5:], "--results", str(tmp_path / "r2")]
+        )
+        == 0
+    )
+    assert trained == [(10, False, 7), (10, True, 7)]
     with pytest.raises(SystemExit, match="--sizes up to 100"):
         finding1.main(["--sizes", "100", "--toy", str(toy), "--work", str(tmp_path / "f2")])
 
