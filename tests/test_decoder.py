@@ -590,3 +590,73 @@ def test_toy_components_use_a_given_trained_vae_and_size_the_unet_to_its_latents
     assert pipe(visual_tokens=torch.randn(1, 4, DV), num_inference_steps=1).images[0].size == (64, 64)
     with pytest.raises(ValueError, match="pixel-space"):
         toy_decoder_components(vision_hidden_size=DV, num_visual_tokens=4, vae=vae, latent=False)
+
+
+# ------------------------------------------------------------------------------------- spatial conditioning
+
+
+def test_spatial_map_puts_each_token_on_its_grid_cell():
+    projector = VPiTDecoderProjector(
+        vision_hidden_size=DV, cross_attention_dim=32, num_visual_tokens=K, hidden_size=64, spatial_channels=3
+    )
+    z = tokens(2)
+    grid = projector.spatial_condition(z, (2, 2))  # the k x k grid itself (k = 2): no resizing
+    assert grid.shape == (2, 3, 2, 2)
+    for index in range(K):  # token i (row-major) lands at (i // k, i % k)
+        assert torch.allclose(grid[:, :, index // 2, index % 2], projector.spatial(z[:, index]), atol=1e-6)
+    assert projector.spatial_condition(z, (8, 8)).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="K = 3 is not square"):
+        VPiTDecoderProjector(vision_hidden_size=DV, num_visual_tokens=3, spatial_channels=2)
+    with pytest.raises(ValueError, match="no spatial map"):
+        VPiTDecoderProjector(vision_hidden_size=DV, cross_attention_dim=32, num_visual_tokens=K).spatial_condition(
+            z, (8, 8)
+        )
+
+
+def test_spatial_decoder_concatenates_the_map_and_zeroes_it_when_unconditional(tmp_path):
+    parts = toy_decoder_components(DV, K, spatial_channels=3)
+    assert parts["unet"].config["in_channels"] == 4 + 3 and parts["unet"].config["out_channels"] == 4
+    seen = []
+    hook = parts["unet"].conv_in.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    pipe = VPiTDecoderPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    images = sample(pipe, guidance_scale=2.0, num_inference_steps=2)
+    assert images.shape == (2, 3, 32, 32)
+    first = seen[0]  # (2B, 4 + 3, 8, 8): [unconditional; conditional]
+    assert first.shape == (4, 7, 8, 8)
+    assert not first[:2, 4:].any()  # the zero map with the zero context
+    assert torch.allclose(first[2:, 4:], pipe.projector.spatial_condition(tokens(2), (8, 8)), atol=1e-6)
+    hook.remove()
+    # In the loss, a dropped condition zeroes the map too: the projector then gets no gradient at all.
+    scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    out = decoder_loss(
+        parts["unet"], parts["projector"], scheduler, tokens(4), latents=torch.randn(4, 4, 8, 8), condition_dropout=1.0
+    )
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in parts["projector"].parameters())
+    # Saved and loaded, the folder samples the same images.
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.projector.spatial_channels == 3
+    assert torch.equal(sample(loaded, guidance_scale=2.0, num_inference_steps=2), images)
+    with pytest.raises(ValueError, match=r"spatial_channels \(0\)"):
+        VPiTDecoderPipeline(**{**toy_decoder_components(DV, K), "unet": parts["unet"]})
+
+
+def test_spatial_channels_widen_a_pretrained_unet_with_zero_weights(tiny_sd):
+    plain = VPiTDecoderPipeline.from_text_to_image_pipeline(
+        tiny_sd, vision_hidden_size=DV, num_visual_tokens=K, projector_hidden_size=64
+    )
+    wide = VPiTDecoderPipeline.from_text_to_image_pipeline(
+        tiny_sd, vision_hidden_size=DV, num_visual_tokens=K, projector_hidden_size=64, spatial_channels=2
+    )
+    assert wide.unet.config["in_channels"] == 6 and wide.unet.conv_in.weight.shape[1] == 6
+    assert torch.equal(wide.unet.conv_in.weight[:, :4], plain.unet.conv_in.weight)
+    assert not wide.unet.conv_in.weight[:, 4:].any()
+    # Zero weights on the new channels: the widened UNet computes what the pretrained one did, whatever the map.
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        reference = plain.unet(x, t, encoder_hidden_states=context).sample
+        widened = wide.unet(torch.cat([x, torch.randn(1, 2, 8, 8)], 1), t, encoder_hidden_states=context).sample
+    assert torch.allclose(widened, reference, atol=1e-6)

@@ -89,7 +89,7 @@ def build_decoder_model_card(
         space = f"{type(pipeline.vae).__name__}, {channels} latent channels, {_millions(pipeline.vae)}"
     else:
         space_label = "space"
-        space = f"pixel space, {unet['in_channels']} channels"
+        space = f"pixel space, {unet['out_channels']} channels"
     padded = f", zero-padded to {projector['context_length']}" if projector["context_length"] else ""
     middle = f" -> {projector['hidden_size']} -> " if projector["projector_type"] == "mlp" else " -> queries -> "
     vision = "none (pass visual tokens)"

@@ -84,9 +84,13 @@ class VPiTDecoderPipeline(DiffusionPipeline):
                 f"cross_attention_dim ({unet.config['cross_attention_dim']})"
             )
         space_channels = vae.config["latent_channels"] if vae is not None else 3
-        if unet.config["in_channels"] != space_channels:
+        spatial = projector.spatial_channels
+        if unet.config["in_channels"] != space_channels + spatial or unet.config["out_channels"] != space_channels:
             where = "the VAE's latent_channels" if vae is not None else "3 (pixel space: no VAE)"
-            raise ValueError(f"unet.in_channels ({unet.config['in_channels']}) must equal {where} = {space_channels}")
+            raise ValueError(
+                f"unet.in_channels / out_channels ({unet.config['in_channels']} / {unet.config['out_channels']}) must "
+                f"equal {where} ({space_channels}) + the projector's spatial_channels ({spatial}) / {space_channels}"
+            )
         if vision_encoder is not None and vision_encoder.hidden_size != projector.config["vision_hidden_size"]:
             raise ValueError(
                 f"the vision encoder emits Dv = {vision_encoder.hidden_size} but projector.vision_hidden_size is "
@@ -113,6 +117,7 @@ class VPiTDecoderPipeline(DiffusionPipeline):
         vision_encoder: VPiTVisionEncoderModel | None = None,
         scheduler: SchedulerMixin | None = None,
         torch_dtype: torch.dtype | None = None,
+        spatial_channels: int = 0,
         **kwargs: Any,
     ) -> VPiTDecoderPipeline:
         """Start from a pretrained text-to-image folder or Hub id (Stable Diffusion 1.x layout).
@@ -131,6 +136,9 @@ class VPiTDecoderPipeline(DiffusionPipeline):
             vision_encoder: optional encoder component, for `image=` reconstruction.
             scheduler: replaces the folder's scheduler (e.g. DDIM for sampling).
             torch_dtype: dtype of the UNet, VAE and projector.
+            spatial_channels: C > 0 adds the projector's spatial map (see `VPiTDecoderProjector`); the UNet's
+                `conv_in` gets C more input channels with zero weights, as InstructPix2Pix widens it, so the
+                pretrained UNet starts out computing exactly what it did.
             kwargs: passed to each component's `from_pretrained` (revision, variant, cache_dir, token, ...).
         """
         source = os.fspath(pretrained_model_name_or_path)
@@ -144,6 +152,8 @@ class VPiTDecoderPipeline(DiffusionPipeline):
             )
         load = {"torch_dtype": torch_dtype, **kwargs}
         unet = _component_class(index, "unet").from_pretrained(source, subfolder="unet", **load)
+        if spatial_channels:
+            _widen_conv_in(unet, spatial_channels)
         vae = (
             _component_class(index, "vae").from_pretrained(source, subfolder="vae", **load)
             if _declared(index, "vae")
@@ -161,6 +171,7 @@ class VPiTDecoderPipeline(DiffusionPipeline):
             context_length=_text_context_length(source, index, kwargs),
             projector_type=projector_type,
             num_queries=num_queries,
+            spatial_channels=spatial_channels,
         )
         if torch_dtype is not None:
             projector.to(torch_dtype)
@@ -347,10 +358,16 @@ class VPiTDecoderPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         shape = (
             batch,
-            self.unet.config["in_channels"],
+            self.unet.config["out_channels"],
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
+        spatial = None
+        if self.projector.spatial_channels:
+            spatial = self.projector.spatial_condition(visual_tokens.to(device), shape[-2:])  # (B, C', h, w)
+            spatial = spatial.repeat_interleave(num_images_per_condition, dim=0).to(self.unet.dtype)
+            if do_guidance:
+                spatial = torch.cat([torch.zeros_like(spatial), spatial])  # [∅, c], as the context
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
@@ -362,6 +379,8 @@ class VPiTDecoderPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if do_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            if spatial is not None:
+                model_input = torch.cat([model_input, spatial], dim=1)
             prediction = self.unet(model_input, t, encoder_hidden_states=condition, return_dict=False)[0]
             if do_guidance:
                 unconditional, conditional = prediction.chunk(2)
@@ -386,6 +405,22 @@ class VPiTDecoderPipeline(DiffusionPipeline):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _widen_conv_in(unet: Any, extra: int) -> None:
+    """Give the UNet's first convolution `extra` more input channels with zero weights (the pretrained channels
+    unchanged), and record the new `in_channels` in its config."""
+    old = unet.conv_in
+    new = torch.nn.Conv2d(
+        old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding, device=old.weight.device
+    ).to(old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        if old.bias is not None and new.bias is not None:
+            new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
 
 
 def _declared(index: dict[str, Any], name: str) -> bool:

@@ -17,9 +17,18 @@ the 'query' variant adds learned position embeddings to the tokens it attends to
 
 The zero condition (the classifier-free-guidance negative and the condition-dropout replacement) is the all-zero
 context (B, L, D), not the projection of zero tokens: it carries no information whatever the projector learns.
+
+Optionally (`spatial_channels` > 0) the projector also lays the tokens out on their k x k grid: each token is
+projected to C channels, and the (B, C, k, k) map, bilinearly resized to the UNet's sample size, is concatenated to
+the UNet's input channels, as InstructPix2Pix concatenates its input image's latents. A UNet does not know where
+on the canvas each of its features lies (its convolutions are translation-equivariant and cross-attention is
+order-blind), so it has to learn absolute position from padding effects alone; the spatial map gives every
+location the token above it. Its zero condition is the all-zero map.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +59,8 @@ class VPiTDecoderProjector(ModelMixin, ConfigMixin):  # type: ignore[misc]
             tokens).
         num_queries: Nq for 'query'; defaults to `context_length`, else K.
         num_attention_heads: heads of the 'query' cross-attention; must divide D.
+        spatial_channels: C > 0 adds the spatial map (`spatial_condition`), for a UNet with C extra input
+            channels; 0: cross-attention only (MetaMorph). K must be a square number.
 
     Example:
         >>> projector = VPiTDecoderProjector(vision_hidden_size=1152, cross_attention_dim=768, num_visual_tokens=64)
@@ -68,8 +79,13 @@ class VPiTDecoderProjector(ModelMixin, ConfigMixin):  # type: ignore[misc]
         projector_type: str = "mlp",
         num_queries: int | None = None,
         num_attention_heads: int = 8,
+        spatial_channels: int = 0,
     ):
         super().__init__()
+        if spatial_channels < 0:
+            raise ValueError(f"spatial_channels must be >= 0, got {spatial_channels}")
+        if spatial_channels and math.isqrt(num_visual_tokens) ** 2 != num_visual_tokens:
+            raise ValueError(f"a spatial map lays the K tokens on a square grid; K = {num_visual_tokens} is not square")
         for name, value in [
             ("vision_hidden_size", vision_hidden_size),
             ("cross_attention_dim", cross_attention_dim),
@@ -116,6 +132,10 @@ class VPiTDecoderProjector(ModelMixin, ConfigMixin):  # type: ignore[misc]
             self.positions = nn.Parameter(torch.randn(num_visual_tokens, cross_attention_dim) * 0.02)
             self.query_norm = nn.LayerNorm(cross_attention_dim)
             self.attention = nn.MultiheadAttention(cross_attention_dim, num_attention_heads, batch_first=True)
+        if spatial_channels:
+            self.spatial = nn.Sequential(
+                nn.LayerNorm(vision_hidden_size), nn.Linear(vision_hidden_size, spatial_channels)
+            )
 
     @property
     def output_length(self) -> int:
@@ -135,14 +155,32 @@ class VPiTDecoderProjector(ModelMixin, ConfigMixin):  # type: ignore[misc]
             dtype=dtype or first.dtype,
         )
 
-    def forward(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, K, Dv) -> (B, L, D); positions past the projected tokens are exact zeros."""
+    @property
+    def spatial_channels(self) -> int:
+        """C, the channels of the spatial map (0: none)."""
+        return int(self.config.get("spatial_channels", 0) or 0)
+
+    def _check(self, visual_tokens: torch.Tensor) -> None:
         k, dv = self.config["num_visual_tokens"], self.config["vision_hidden_size"]
         if visual_tokens.ndim != 3 or visual_tokens.shape[1:] != (k, dv):
             raise ValueError(
                 f"visual_tokens must have shape (B, {k}, {dv}) (num_visual_tokens, vision_hidden_size), "
                 f"got {tuple(visual_tokens.shape)}"
             )
+
+    def spatial_condition(self, visual_tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, K, Dv) -> (B, C, h, w): each token projected to C channels at its cell of the k x k grid (row-major,
+        as the encoder pools them), bilinearly resized to `size` (the UNet's sample size)."""
+        if not self.spatial_channels:
+            raise ValueError("this projector has no spatial map (spatial_channels = 0)")
+        self._check(visual_tokens)
+        batch, k = visual_tokens.shape[0], math.isqrt(self.config["num_visual_tokens"])
+        grid = self.spatial(visual_tokens.to(self.dtype)).transpose(1, 2).reshape(batch, -1, k, k)  # (B, C, k, k)
+        return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def forward(self, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, K, Dv) -> (B, L, D); positions past the projected tokens are exact zeros."""
+        self._check(visual_tokens)
         tokens = self.mlp(visual_tokens.to(self.dtype))  # (B, K, D)
         if self.config["projector_type"] == "query":
             queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # (B, Nq, D)

@@ -41,24 +41,29 @@ def toy_vae_config(image_size: int = TOY_IMAGE_SIZE) -> dict[str, Any]:
     }
 
 
-def toy_unet_config(cross_attention_dim: int = 64, latent: bool = True, latent_size: int = 8) -> dict[str, Any]:
+def toy_unet_config(
+    cross_attention_dim: int = 64, latent: bool = True, latent_size: int = 8, spatial_channels: int = 0
+) -> dict[str, Any]:
     """`UNet2DConditionModel` kwargs, ~1 M parameters (at cross_attention_dim 64).
 
     latent: on the toy VAE's 8x8x4 latents, two levels, cross-attention at 8x8 (1.08 M parameters); with
-    `latent_size` 16 (the trained toy VAE: 64 px -> 16x16x4), two levels with cross-attention only at the 8x8 one.
+    `latent_size` 16 (the trained toy VAE: 64 px -> 16x16x4), three levels (16, 8, 4) with cross-attention at 8x8
+    and 4x4 (1.89 M parameters): the 4x4 level matches the encoder's 4x4 token grid, and its features, next to the
+    zero padding everywhere, know where they are, which placing the object at the right position needs.
     pixel space (`latent=False`): on 32x32x3 images, three levels, cross-attention only at the 8x8 level, where
     attention is cheap (1.25 M parameters).
+    spatial_channels: extra input channels for the projector's spatial map (0: none).
     """
     common = {"layers_per_block": 1, "cross_attention_dim": cross_attention_dim, "attention_head_dim": 8}
     if latent and latent_size == 16:
         return {
             **common,
             "sample_size": 16,
-            "in_channels": TOY_LATENT_CHANNELS,
+            "in_channels": TOY_LATENT_CHANNELS + spatial_channels,
             "out_channels": TOY_LATENT_CHANNELS,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "block_out_channels": [48, 64],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [48, 64, 64],
             "norm_num_groups": 16,
         }
     if latent:
@@ -67,7 +72,7 @@ def toy_unet_config(cross_attention_dim: int = 64, latent: bool = True, latent_s
         return {
             **common,
             "sample_size": 8,
-            "in_channels": TOY_LATENT_CHANNELS,
+            "in_channels": TOY_LATENT_CHANNELS + spatial_channels,
             "out_channels": TOY_LATENT_CHANNELS,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -77,7 +82,7 @@ def toy_unet_config(cross_attention_dim: int = 64, latent: bool = True, latent_s
     return {
         **common,
         "sample_size": TOY_IMAGE_SIZE,
-        "in_channels": 3,
+        "in_channels": 3 + spatial_channels,
         "out_channels": 3,
         "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
@@ -109,6 +114,7 @@ def toy_decoder_components(
     latent: bool = True,
     seed: int = 0,
     vae: AutoencoderKL | None = None,
+    spatial_channels: int = 0,
 ) -> dict[str, Any]:
     """Randomly initialised toy decoder parts, ready for `VPiTDecoderPipeline(**components)`.
 
@@ -122,6 +128,8 @@ def toy_decoder_components(
         seed: seeds the initialisation.
         vae: a trained `AutoencoderKL` to use instead of a random toy VAE (the toy world's, from
             `vpit.toy.backbones`); its latents must be 8x8x4 or 16x16x4, and the UNet is sized to match.
+        spatial_channels: C > 0 adds the projector's spatial map, concatenated to the UNet's input (see
+            `VPiTDecoderProjector`).
 
     Returns:
         {'unet', 'scheduler', 'projector', 'vae'} ('vae' is None when `latent` is False), in eval mode, the VAE
@@ -135,7 +143,11 @@ def toy_decoder_components(
     latent_size = 8
     if vae is not None:
         latent_size = vae.config["sample_size"] // 2 ** (len(vae.config["block_out_channels"]) - 1)
-    unet = UNet2DConditionModel(**toy_unet_config(cross_attention_dim, latent=latent, latent_size=latent_size))
+    unet = UNet2DConditionModel(
+        **toy_unet_config(
+            cross_attention_dim, latent=latent, latent_size=latent_size, spatial_channels=spatial_channels
+        )
+    )
     projector = VPiTDecoderProjector(
         vision_hidden_size=vision_hidden_size,
         cross_attention_dim=cross_attention_dim,
@@ -143,6 +155,7 @@ def toy_decoder_components(
         hidden_size=projector_hidden_size,
         context_length=None,  # trained from scratch: no pretrained context length to match
         projector_type=projector_type,
+        spatial_channels=spatial_channels,
     )
     for module in (unet, projector, vae):
         if module is not None:

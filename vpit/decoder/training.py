@@ -3,7 +3,8 @@ validation reconstructions.
 
 The decoder learns on images alone: image -> frozen encoder -> z (B, K, Dv) -> projector -> context (B, L, D);
 image -> frozen VAE -> latents x0 (B, C, h, w). The UNet learns to denoise x_t given the context, which is replaced
-by the all-zero context with probability `condition_dropout` (classifier-free guidance at sampling time). The
+by the all-zero context with probability `condition_dropout` (classifier-free guidance at sampling time). With a
+spatial projector, the projector's spatial map of z (zeros where the context is dropped) is concatenated to x_t. The
 projector and the UNet train; the VAE and the encoder stay frozen.
 
     >>> params = decoder_trainable_parameters(pipe)
@@ -161,7 +162,12 @@ def decoder_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = latents
-    prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(unet.dtype), return_dict=False)[0]
+    unet_input = noisy
+    if projector.spatial_channels:
+        spatial = projector.spatial_condition(visual_tokens.to(device), tuple(noisy.shape[-2:]))  # (B, C', h, w)
+        spatial = torch.where(dropped[:, None, None, None], torch.zeros_like(spatial), spatial)
+        unet_input = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)  # (B, C + C', h, w)
+    prediction = unet(unet_input, timesteps, encoder_hidden_states=context.to(unet.dtype), return_dict=False)[0]
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
 
     if snr_gamma is None:

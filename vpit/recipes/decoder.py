@@ -96,6 +96,7 @@ def build_decoder(recipe: Recipe) -> VPiTDecoderPipeline:
             latent=settings.latent,
             seed=recipe.train.seed,
             vae=AutoencoderKL.from_pretrained(settings.vae) if settings.vae else None,
+            spatial_channels=settings.spatial_channels,
         )
         return VPiTDecoderPipeline(**parts, vision_encoder=encoder)
     if (Path(init) / "model_index.json").is_file() and "VPiTDecoderPipeline" in (
@@ -109,6 +110,7 @@ def build_decoder(recipe: Recipe) -> VPiTDecoderPipeline:
         projector_hidden_size=settings.projector_hidden_size,
         projector_type=settings.projector_type,
         vision_encoder=encoder,
+        spatial_channels=settings.spatial_channels,
     )
 
 

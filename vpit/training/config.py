@@ -236,6 +236,13 @@ class DecoderSection:
     )
     projector_type: str = field(default="mlp", metadata=_help("'mlp' (LayerNorm MLP) or 'query' (cross-attention)"))
     projector_hidden_size: int = field(default=2048, metadata=_help("projector hidden width (MetaMorph: 2048)"))
+    spatial_channels: int = field(
+        default=0,
+        metadata=_help(
+            "C > 0: also lay the tokens on their grid, projected to C channels and concatenated to the UNet's input "
+            "(a pretrained UNet's conv_in is widened with zero weights); 0: cross-attention only (MetaMorph)"
+        ),
+    )
     resolution: int | None = field(default=None, metadata=_help("training image side; default: the UNet's output size"))
     condition_dropout: float = field(
         default=0.7, metadata=_help("probability of the zero condition (classifier-free guidance; MetaMorph 0.7-0.8)")
@@ -257,6 +264,8 @@ class DecoderSection:
             raise ValueError(f"decoder.condition_dropout is a probability, got {self.condition_dropout}")
         if self.projector_type not in ("mlp", "query"):
             raise ValueError(f"decoder.projector_type must be 'mlp' or 'query', got {self.projector_type!r}")
+        if self.spatial_channels < 0:
+            raise ValueError(f"decoder.spatial_channels must be >= 0, got {self.spatial_channels}")
 
 
 @dataclass
