@@ -30,10 +30,15 @@ def _overrides(tiny_clip, out, **extra):
 
 
 def test_decoder_stage_trains_and_saves_a_loadable_pipeline(tiny_clip, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "decoder"
-    run_training(
-        "recipes/toy/decoder.yaml", _overrides(tiny_clip, out, **{"train.max_steps": 30, "train.eval_every": 30})
-    )
+    extra = {"train.max_steps": 30, "train.eval_every": 30, "tracking.report_to": "[tensorboard]"}
+    run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, out, **extra))
+    # The reconstruction grid reaches TensorBoard as an image, next to the scalars.
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert "reconstructions" in events.Tags()["images"] and events.Tags()["scalars"]
     rows = [r for r in history(out) if "loss" in r]
     first, last = (sum(r["loss"] for r in rows[i : i + 5]) / 5 for i in (0, len(rows) - 5))
     assert last < 0.7 * first, (first, last)

@@ -220,7 +220,8 @@ def run(recipe: Recipe) -> Path:
                 grid.save(path)
                 for tracker in accelerator.trackers:
                     if hasattr(tracker, "log_images"):
-                        tracker.log_images({"reconstructions": [np.asarray(grid)]}, step=step, dataformats="NHWC")
+                        # (1, H, W, C): TensorBoard's add_images takes one array; W&B iterates it as one image.
+                        tracker.log_images({"reconstructions": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
             trainable.unet.train()
             trainable.projector.train()
             return {}

@@ -58,7 +58,7 @@ class DemoPlan:
             bridge={},
             vpit={},
             decoder={},
-            eval={"questions_per_type": 40, "num_inference_steps": 20},
+            eval={"questions_per_type": 40, "num_inference_steps": 25},
         )
 
     @classmethod
