@@ -660,3 +660,28 @@ def test_spatial_channels_widen_a_pretrained_unet_with_zero_weights(tiny_sd):
         reference = plain.unet(x, t, encoder_hidden_states=context).sample
         widened = wide.unet(torch.cat([x, torch.randn(1, 2, 8, 8)], 1), t, encoder_hidden_states=context).sample
     assert torch.allclose(widened, reference, atol=1e-6)
+
+
+def test_token_noise_perturbs_the_condition_and_keeps_unit_tokens_unit():
+    clean, _, _ = loss_parts()
+    noisy, _, _ = loss_parts(token_noise=0.05)
+    seen = []
+    torch.manual_seed(0)
+    parts = toy_decoder_components(DV, K)
+    parts["projector"].register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    z = tokens(4)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    decoder_loss(
+        parts["unet"], parts["projector"], scheduler, z, latents=latents, token_noise=0.05,
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    given = seen[-1]
+    assert torch.allclose(given.norm(dim=-1), torch.ones(4, K), atol=1e-5)  # re-normalised: still unit tokens
+    cosine = F.cosine_similarity(given, z, dim=-1)
+    expected = (1 + DV * 0.05**2) ** -0.5  # ~0.95 at Dv = 48
+    assert abs(cosine.mean().item() - expected) < 0.03 and (cosine < 0.999).all()
+    # The draws before it are unchanged, the loss is not.
+    assert torch.equal(clean.timesteps, noisy.timesteps) and not torch.equal(clean.loss, noisy.loss)
+    with pytest.raises(ValueError, match="token_noise must be >= 0"):
+        loss_parts(token_noise=-0.1)

@@ -62,6 +62,7 @@ class DecoderTrainable(nn.Module):
             prediction_type=self.settings.prediction_type,
             snr_gamma=self.settings.snr_gamma,
             noise_offset=self.settings.noise_offset,
+            token_noise=self.settings.token_noise,
             generator=generator,
         )
 

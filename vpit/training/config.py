@@ -250,6 +250,12 @@ class DecoderSection:
     prediction_type: str = field(default="epsilon", metadata=_help("'epsilon', 'v_prediction' or 'sample'"))
     snr_gamma: float | None = field(default=None, metadata=_help("min-SNR-gamma loss weighting (5.0 usual); null: off"))
     noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05-0.1 for brighter/darker images)"))
+    token_noise: float = field(
+        default=0.0,
+        metadata=_help(
+            "std of Gaussian noise on the visual tokens in training (robustness to predicted tokens); 0: off"
+        ),
+    )
     ema_decay: float | None = field(default=0.9999, metadata=_help("EMA of UNet + projector; null: no EMA"))
     validation_images: int = field(default=4, metadata=_help("held-out images in each reconstruction grid"))
     validation_steps: int = field(default=25, metadata=_help("denoising steps of the reconstruction grid"))
@@ -264,6 +270,8 @@ class DecoderSection:
             raise ValueError(f"decoder.condition_dropout is a probability, got {self.condition_dropout}")
         if self.projector_type not in ("mlp", "query"):
             raise ValueError(f"decoder.projector_type must be 'mlp' or 'query', got {self.projector_type!r}")
+        if self.token_noise < 0:
+            raise ValueError(f"decoder.token_noise must be >= 0, got {self.token_noise}")
         if self.spatial_channels < 0:
             raise ValueError(f"decoder.spatial_channels must be >= 0, got {self.spatial_channels}")
 
