@@ -34,7 +34,7 @@ import vpit
 from vpit.data.cards import DataCard
 from vpit.data.collator import VPiTCollator, model_inputs, plan_packing
 from vpit.data.dataset import VPiTDataset
-from vpit.tiny import save_tiny_llama, save_tiny_open_clip
+from vpit.toy.tiny import save_tiny_llama, save_tiny_open_clip
 
 from .common import describe_machine
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vpit.decoder import VPiTDecoderPipeline, toy_decoder_components
+from vpit.decoder import VPiTDecoderPipeline
+from vpit.toy.decoder import toy_decoder_components
 
 from .common import median_ratio
 

@@ -73,7 +73,7 @@ def train_arm(toy: Path, run: Path, n_generation: int, with_understanding: bool,
 
 
 def score_arm(model: Path, decoder: Path, steps: int) -> dict[str, Any]:
-    from vpit.pipeline import VPiTPipeline
+    from vpit.inference.pipeline import VPiTPipeline
     from vpit.toy.evaluate import EvalSettings, evaluate_generation
 
     pipe = VPiTPipeline.from_pretrained(model, decoder=decoder)

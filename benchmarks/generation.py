@@ -11,7 +11,7 @@ machine runs; the wall-clock medians are in the JSON too).
 Torch runs on `--threads` threads, 1 by default: the machines are shared, and with 2 OpenMP threads on a busy
 2-core machine every parallel op of the 512-token forward waits for a descheduled thread (5-10x slower, erratic).
 
-1. One image (64 visual tokens) with `vpit.generation.generate` (KV cache, one position per step) vs
+1. One image (64 visual tokens) with `vpit.inference.generation.generate` (KV cache, one position per step) vs
    `generate_no_cache` (MetaMorph's released inference style: the whole prefix recomputed every step).
    Goal: >= 10x.
 2. Cost of a step: 64 visual steps of `generate` vs 64 text steps of transformers'
@@ -36,8 +36,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import vpit
-from vpit.generation import generate, generate_no_cache
-from vpit.tiny import save_tiny_llama, save_tiny_open_clip
+from vpit.inference.generation import generate, generate_no_cache
+from vpit.toy.tiny import save_tiny_llama, save_tiny_open_clip
 
 from .common import timed_runs
 

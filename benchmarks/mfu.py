@@ -49,7 +49,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 import vpit
-from vpit.tiny import train_bpe_tokenizer
+from vpit.toy.tiny import train_bpe_tokenizer
 
 from .common import describe_machine, median_ratio, timed_runs, write_json
 

@@ -23,7 +23,7 @@ process CPU time: torch runs on one thread, so CPU time is the work of the step,
 Goal: VPiT <= 1.05x LLaVA.
 
 Also measured: the FLOPs of a step of each (torch's FlopCounterMode: the work, whatever the load), and the text
-loss alone, forward + backward on (4, 256, 32000) logits, `vpit.losses.text_loss` vs transformers'
+loss alone, forward + backward on (4, 256, 32000) logits, `vpit.model.losses.text_loss` vs transformers'
 `ForCausalLMLoss` (which LLaVA uses): the one part of the step where VPiT moves more memory for the same result
 (it copies the shifted logits and their gradient). `--profile` also compares the two steps operator by operator
 under torch.profiler (the least time of each operator over 3 steps of each side).
@@ -53,8 +53,8 @@ from transformers import (
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import vpit
-from vpit.losses import text_loss
-from vpit.tiny import train_bpe_tokenizer
+from vpit.model.losses import text_loss
+from vpit.toy.tiny import train_bpe_tokenizer
 
 from .common import describe_machine, median_ratio, timed_runs, write_json
 
@@ -245,7 +245,7 @@ def profile(steps: dict[str, Callable[[], float]], rounds: int = 3, rows: int = 
 
 def loss_functions(repeats: int) -> dict[str, Any]:
     """The text loss alone, forward + backward on (4, 256, 32000) fp32 logits with LLaVA-like labels:
-    `vpit.losses.text_loss` vs transformers' `ForCausalLMLoss` (what `LlavaForConditionalGeneration` uses)."""
+    `vpit.model.losses.text_loss` vs transformers' `ForCausalLMLoss` (what `LlavaForConditionalGeneration` uses)."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(BATCH, ROW, VOCAB, generator=g)
     labels = torch.randint(*TEXT_IDS, (BATCH, ROW), generator=g)

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from vpit.tiny import save_tiny_llama, save_tiny_open_clip
+from vpit.toy.tiny import save_tiny_llama, save_tiny_open_clip
 
 from .common import write_json
 

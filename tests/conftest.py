@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vpit
-from vpit.tiny import save_tiny_llama, save_tiny_open_clip
+from vpit.toy.tiny import save_tiny_llama, save_tiny_open_clip
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,11 @@
 import math
 
 import pytest
+import torch
 from transformers import AutoConfig, LlamaConfig
 
-import vpit
 from vpit import VPiTConfig, VPiTVisionConfig
+from vpit.model.adapters import build_bridge
 
 TINY_TEXT = {
     "model_type": "llama",
@@ -26,7 +27,7 @@ def test_defaults_follow_the_published_recipe():
     assert isinstance(config.vision_config, VPiTVisionConfig)
     assert config.vision_config.model_name == "ViT-SO400M-14-SigLIP-384"
     assert config.vision_config.feature_layer == -1
-    assert (config.num_visual_tokens, config.visual_grid_size) == (64, 8)
+    assert config.num_visual_tokens == 64
     assert (config.pooling, config.bridge, config.visual_head) == ("bilinear", "mlp2x_gelu", "mlp")
     assert config.visual_loss_weight == 1.0 and config.normalize_visual_tokens is True
 
@@ -77,7 +78,11 @@ def test_invalid_vision_fields_raise(kwargs, message):
 
 
 def test_bridge_depth_parsing():
-    assert [vpit.configuration_vpit.parse_bridge(b) for b in ("linear", "mlp1x_gelu", "mlp3x_gelu")] == [1, 1, 3]
+    linears = [
+        sum(isinstance(m, torch.nn.Linear) for m in build_bridge(b, 8, 16).modules())
+        for b in ("linear", "mlp1x_gelu", "mlp3x_gelu")
+    ]
+    assert linears == [1, 1, 3]
 
 
 def test_save_load_round_trip_and_auto_config(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vpit.data.collator import MODEL_INPUT_KEYS, VPiTCollator, model_inputs, plan_packing
-from vpit.losses import text_loss
+from vpit.model.losses import text_loss
 
 PAD = 0
 SLOT = 99  # stands for the image placeholder token; the collator never looks at token values

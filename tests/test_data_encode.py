@@ -9,7 +9,7 @@ from PIL import Image
 from vpit.data.collator import VPiTCollator, model_inputs
 from vpit.data.encode import assistant_mask, encode_sample
 from vpit.data.records import RecordError, Sample
-from vpit.processing_vpit import DEFAULT_CHAT_TEMPLATE
+from vpit.model.processing_vpit import DEFAULT_CHAT_TEMPLATE
 
 RED = Image.new("RGB", (32, 32), (220, 40, 40))
 BLUE = Image.new("RGB", (32, 32), (40, 80, 220))

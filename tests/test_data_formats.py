@@ -14,7 +14,8 @@ from vpit.data.formats import (
     read_json_file,
     record_to_sample,
 )
-from vpit.data.records import RecordError, load_image
+from vpit.data.records import RecordError
+from vpit.model.images import load_image
 
 LLAVA = {
     "id": "000000033471",

@@ -7,8 +7,9 @@ from broken_data import build
 from PIL import Image
 
 from vpit.cli import main
-from vpit.data.records import RecordError, load_image
+from vpit.data.records import RecordError, load_record_image
 from vpit.data.validation import validate
+from vpit.model.images import ImageError, load_image
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +128,10 @@ def test_sixteen_bit_midtones_scale():
 
 def test_image_errors_name_the_reason(tmp_path):
     with pytest.raises(RecordError, match="missing_image"):
-        load_image("nope.png", tmp_path)
+        load_record_image("nope.png", tmp_path)
     with pytest.raises(RecordError, match="path_escapes_root"):
-        load_image("../x.png", tmp_path)
+        load_record_image("../x.png", tmp_path)
     with pytest.raises(RecordError, match="empty_image"):
-        load_image(b"")
+        load_record_image(b"")
+    with pytest.raises(ImageError, match="missing_image"):  # the model core's own error, same reason
+        load_image("nope.png", tmp_path)

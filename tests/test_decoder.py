@@ -22,20 +22,17 @@ from diffusers import (
 from diffusers.training_utils import compute_snr
 from PIL import Image, ImageDraw
 
-from vpit.configuration_vpit import VPiTVisionConfig
-from vpit.decoder import (
-    VPiTDecoderPipeline,
-    VPiTDecoderProjector,
-    VPiTVisionEncoderModel,
+from vpit.decoder import VPiTDecoderPipeline, VPiTDecoderProjector, VPiTVisionEncoderModel
+from vpit.hub import write_model_card
+from vpit.model.configuration_vpit import VPiTVisionConfig
+from vpit.toy.decoder import save_tiny_stable_diffusion, toy_decoder_components
+from vpit.training.diffusion import (
     create_decoder_ema,
     decoder_loss,
     decoder_trainable_parameters,
     encode_latents,
-    save_tiny_stable_diffusion,
-    toy_decoder_components,
     validation_reconstructions,
 )
-from vpit.decoder import pipeline_vpit_decoder as pipeline_module
 
 DV, K = 48, 4  # the tiny open_clip ViT's width; 2 x 2 pooled tokens
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 40), (140, 60, 180), (240, 130, 30)]
@@ -105,7 +102,7 @@ def test_projector_metamorph_sizes_pad_64_tokens_to_77():
     # The output LayerNorm (identity affine at init) gives every real token zero mean and unit variance.
     assert out[:, :64].mean(-1).abs().max() < 1e-5
     assert torch.allclose(out[:, :64].var(-1, unbiased=False), torch.ones(2, 64), atol=1e-3)
-    assert projector.zero_condition(3).shape == (3, 77, 768) and not projector.zero_condition(3).any()
+    assert projector.output_length == 77
 
 
 def test_projector_without_context_length_emits_k_tokens():
@@ -178,7 +175,7 @@ def test_save_load_through_diffusion_pipeline_gives_identical_images(tmp_path):
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
     assert index["vision_encoder"] == [None, None]
     assert (tmp_path / "projector" / "diffusion_pytorch_model.safetensors").is_file()
-    card = (tmp_path / "README.md").read_text()
+    card = write_model_card(tmp_path).read_text()  # vpit.hub builds the card from the saved folder
     assert "library_name: diffusers" in card and "DiffusionPipeline.from_pretrained" in card
 
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
@@ -303,7 +300,7 @@ def test_image_to_reconstruction_with_the_vision_encoder(tmp_path, toy_encoder):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["vision_encoder"] == ["vpit.decoder.vision_encoder", "VPiTVisionEncoderModel"]
-    assert "open_clip" in (tmp_path / "README.md").read_text()
+    assert "open_clip" in write_model_card(tmp_path).read_text()
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert not any(p.requires_grad for p in loaded.vision_encoder.parameters())  # still frozen after loading
@@ -525,35 +522,6 @@ def test_validation_reconstructions_grid(toy_encoder):
         generator=torch.Generator().manual_seed(0),
     ).images
     assert np.array_equal(np.asarray(grid.crop((32, 64, 64, 96))), np.asarray(expected[3]))  # row 2 = sample 1
-
-
-# --------------------------------------------------------------------------------------------- hub
-
-
-def test_push_to_hub_uploads_the_folder_with_its_model_card(monkeypatch, tmp_path):
-    uploaded: dict[str, object] = {}
-
-    class Repo:
-        repo_id = "someone/toy-decoder"
-
-    def fake_upload_folder(*, repo_id, folder_path, **kwargs):
-        uploaded["repo_id"] = repo_id
-        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
-        uploaded["card"] = (Path(folder_path) / "README.md").read_text()
-        return "https://huggingface.co/someone/toy-decoder/commit/0"
-
-    monkeypatch.setattr(pipeline_module, "create_repo", lambda repo_id, **kwargs: Repo())
-    monkeypatch.setattr(pipeline_module, "upload_folder", fake_upload_folder)
-    url = toy_pipeline().push_to_hub("someone/toy-decoder", license="apache-2.0")
-    assert url.endswith("/commit/0") and uploaded["repo_id"] == "someone/toy-decoder"
-    assert uploaded["files"] == ["README.md", "model_index.json", "projector", "scheduler", "unet", "vae"]
-    card = str(uploaded["card"])
-    assert 'DiffusionPipeline.from_pretrained("someone/toy-decoder")' in card and "license: apache-2.0" in card
-    uploaded.clear()
-    toy_pipeline().save_pretrained(tmp_path, push_to_hub=True, repo_id="someone/toy-decoder")  # the other route
-    assert uploaded["repo_id"] == "someone/toy-decoder" and (tmp_path / "README.md").is_file()
-    with pytest.raises(TypeError, match="unexpected keyword arguments"):
-        toy_pipeline().save_pretrained(tmp_path, safe_serialisation=False)
 
 
 @pytest.mark.gpu

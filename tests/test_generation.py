@@ -1,4 +1,4 @@
-"""Unified text + image generation (vpit.generation) on the tiny VPiT (K = 4, Dv = 48): cache vs no cache, batch vs
+"""Unified text + image generation (vpit.inference.generation) on the tiny VPiT (K = 4, Dv = 48): cache vs no cache, batch vs
 rows alone, the image state machine, sampling, eos, the streamer, and the errors."""
 
 import pytest
@@ -8,7 +8,7 @@ from transformers import GenerationConfig, TextIteratorStreamer
 from transformers.generation import LogitsProcessor
 
 import vpit
-from vpit.generation import generate, generate_no_cache
+from vpit.inference.generation import generate, generate_no_cache
 
 K, DV = 4, 48
 RED, BLUE = (220, 40, 40), (40, 80, 220)

@@ -11,7 +11,8 @@ import yaml
 from huggingface_hub import HfApi
 
 from vpit.cli import main
-from vpit.hub import build_model_card, push_folder
+from vpit.hub import build_model_card, push_folder, push_to_hub
+from vpit.toy.decoder import toy_decoder_components
 
 SECRET = "hf_secretTOKENthatMustNeverBeWritten"
 
@@ -27,7 +28,7 @@ class RecordingApi:
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         RecordingApi.calls.append(("create_repo", repo_id, private, exist_ok, repo_type, self.token))
 
-    def upload_folder(self, folder_path, repo_id, commit_message):
+    def upload_folder(self, folder_path, repo_id, commit_message, create_pr=False):
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
         RecordingApi.calls.append(("upload_folder", repo_id, commit_message, files))
 
@@ -109,18 +110,38 @@ def test_existing_readme_is_kept(folder, api):
 
 
 def test_push_folder_needs_a_saved_model(tmp_path, api):
-    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+    with pytest.raises(FileNotFoundError, match=r"neither a VPiT model folder \(config\.json\) nor a decoder folder"):
         push_folder(tmp_path, "me/x")
     assert api.calls == []
 
 
 def test_model_push_to_hub(tiny_vpit, api):
     model, processor = tiny_vpit
-    url = model.push_to_hub("me/vpit-tiny", processor=processor, token=SECRET, license="apache-2.0")
+    url = push_to_hub(model, "me/vpit-tiny", processor=processor, token=SECRET, license="apache-2.0")
     assert url.endswith("/commit/abc123")
     files = api.calls[-1][3]
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(files)
     assert all(SECRET.encode() not in content for content in files.values())
+
+
+def test_decoder_push_to_hub_uploads_the_folder_with_its_model_card(api, tmp_path):
+    from vpit.decoder import VPiTDecoderPipeline
+
+    pipe = VPiTDecoderPipeline(**toy_decoder_components(vision_hidden_size=48, num_visual_tokens=4))
+    url = push_to_hub(pipe, "someone/toy-decoder", token=SECRET, license="apache-2.0")
+    assert url == "https://huggingface.co/someone/toy-decoder/commit/abc123"
+    create, upload = api.calls
+    assert create[1] == "someone/toy-decoder" and upload[1] == "someone/toy-decoder"
+    files = upload[3]
+    assert set(files) == {"README.md", "model_index.json"}  # top-level files; components sit in subfolders
+    card = files["README.md"].decode()
+    assert 'DiffusionPipeline.from_pretrained("someone/toy-decoder")' in card
+    assert _metadata(card)["license"] == "apache-2.0" and _metadata(card)["library_name"] == "diffusers"
+    assert "UNet2DConditionModel, 8 px samples" in card and "AutoencoderKL, 4 latent channels" in card
+    assert all(SECRET.encode() not in content for content in files.values())
+    pipe.save_pretrained(tmp_path)  # `vpit push` takes a saved decoder folder as it takes a model folder
+    assert main(["push", str(tmp_path), "someone/toy-decoder"]) == 0
+    assert "VPiT decoder" in api.calls[-1][3]["README.md"].decode()
 
 
 def test_cli_push(folder, api, capsys):

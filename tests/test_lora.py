@@ -5,7 +5,7 @@ import torch
 from conftest import GENERATION, UNDERSTANDING, encode_conversations
 
 from vpit import VPiTForCausalLM
-from vpit.lora import apply_lora, load_lora, lora_target_modules, merge_lora
+from vpit.model.lora import apply_lora, load_lora, lora_target_modules, merge_lora
 
 
 @pytest.fixture

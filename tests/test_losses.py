@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from vpit.losses import cosine_loss, text_loss
+from vpit.model.losses import cosine_loss, text_loss
 
 
 def test_cosine_loss_identical_orthogonal_opposite():

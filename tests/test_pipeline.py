@@ -1,4 +1,4 @@
-"""VPiTPipeline (vpit.pipeline), `vpit generate` and `vpit chat` on the tiny VPiT (K = 4, Dv = 48) and the toy
+"""VPiTPipeline (vpit.inference.pipeline), `vpit generate` and `vpit chat` on the tiny VPiT (K = 4, Dv = 48) and the toy
 decoder (32x32 images): answers equal `model.generate`, forced images are drawn, history feeds generated visual
 tokens back, the stream concatenates to the answer, the CLI writes readable files and keeps the conversation."""
 
@@ -16,12 +16,13 @@ from PIL import Image
 from transformers.generation import LogitsProcessor
 
 import vpit
-import vpit.pipeline as pipeline_module
-from vpit.chat import run_chat
+import vpit.inference.pipeline as pipeline_module
 from vpit.cli import main
-from vpit.decoder import VPiTDecoderPipeline, toy_decoder_components
-from vpit.generation import generate
-from vpit.pipeline import Conversation, VPiTPipeline
+from vpit.decoder import VPiTDecoderPipeline
+from vpit.inference.chat import run_chat
+from vpit.inference.generation import generate
+from vpit.inference.pipeline import Conversation, VPiTPipeline
+from vpit.toy.decoder import toy_decoder_components
 
 K, DV = 4, 48
 STEPS = 2  # decoder denoising steps: enough to exercise the loop, cheap on the toy UNet
@@ -41,7 +42,7 @@ class Script(LogitsProcessor):
 
 
 class GenerateSpy:
-    """Wraps vpit.generation.generate as the pipeline calls it; keeps every call's inputs and output."""
+    """Wraps vpit.inference.generation.generate as the pipeline calls it; keeps every call's inputs and output."""
 
     def __init__(self):
         self.calls = []

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from vpit import VPiTProcessor
-from vpit.processing_vpit import DEFAULT_CHAT_TEMPLATE
+from vpit.model.processing_vpit import DEFAULT_CHAT_TEMPLATE
 
 
 def test_markers_expand_to_k_slots_between_boundaries(tiny_vpit):

@@ -7,7 +7,15 @@ import pytest
 import yaml
 
 from vpit.data.cards import parse_mixture
-from vpit.training.config import apply_overrides, load_recipe, recipe_from_dict
+from vpit.training import config as recipe_config
+from vpit.training.config import (
+    DecoderRecipe,
+    InstructionRecipe,
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+)
+from vpit.training.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -66,6 +74,29 @@ def _minimal(**sections):
 def test_invalid_recipes(data, message):
     with pytest.raises(ValueError, match=message):
         recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("stage", "section"), [("decoder", "lora"), ("decoder", "freeze"), ("bridge", "decoder"), ("vpit", "decoder")]
+)
+def test_a_section_the_stage_does_not_use_is_an_error(stage, section):
+    data = {"stage": stage, "model": {"pretrained": "some/folder"}, "data": {"mixture": [{"card": "x.yaml"}]}}
+    if stage == "bridge":
+        data["freeze"] = {"llm": True}
+    recipe_from_dict(data)  # valid without it
+    with pytest.raises(ValueError, match=rf"unknown keys \['{section}'\]: stage '{stage}' .* does not use them"):
+        recipe_from_dict({**data, section: {}})
+
+
+def test_each_stage_reads_its_own_recipe_class():
+    data = {"model": {"pretrained": "f"}, "data": {"mixture": [{"card": "x.yaml"}]}}
+    assert type(recipe_from_dict({**data, "stage": "vpit"})) is InstructionRecipe
+    assert type(recipe_from_dict({**data, "stage": "decoder"})) is DecoderRecipe
+    with pytest.raises(ValueError, match=r"stage must be one of \['bridge', 'vpit', 'decoder'\], got 'pretrain'"):
+        recipe_from_dict({**data, "stage": "pretrain"})
+    with pytest.raises(ValueError, match=r"model: unknown keys \['llm'\]"):  # the decoder reads an encoder only
+        recipe_from_dict({"stage": "decoder", "model": {"llm": "x"}, "data": data["data"]})
+    assert set(STAGES) == set(recipe_config.RECIPES)
 
 
 def test_dotted_overrides_parse_yaml_values():

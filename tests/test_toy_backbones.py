@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vpit
-from vpit.processing_vpit import DEFAULT_CHAT_TEMPLATE
+from vpit.model.processing_vpit import DEFAULT_CHAT_TEMPLATE
 from vpit.toy.backbones import build_toy_backbones, pixels, pretrain_toy_clip
 from vpit.toy.world import ToyObject, render
 

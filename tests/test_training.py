@@ -128,7 +128,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tiny_llam
 
 def test_periodic_evaluation_logs_losses_accuracy_and_image_grids(tiny_llama, tiny_clip, tmp_path):
     from vpit import VPiTDecoderPipeline, VPiTVisionConfig, VPiTVisionEncoderModel
-    from vpit.decoder import toy_decoder_components
+    from vpit.toy.decoder import toy_decoder_components
 
     encoder = VPiTVisionEncoderModel.from_spec(VPiTVisionConfig(model_name=f"local-dir:{tiny_clip}"), 4)
     decoder = VPiTDecoderPipeline(**toy_decoder_components(encoder.hidden_size, 4), vision_encoder=encoder)

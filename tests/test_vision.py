@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vpit import VisionEncoder, VPiTVisionConfig
-from vpit.vision import resolve_vision_config
+from vpit.model.vision import resolve_vision_config
 
 
 def open_clip_encoder(folder, k=4, **kwargs):
@@ -25,7 +25,8 @@ def test_open_clip_local_folder_loads_its_weights_and_config(tiny_clip):
     cfg = json.loads((tiny_clip / "open_clip_config.json").read_text())
     assert enc.config.model_config == cfg["model_cfg"]
     assert enc.config.preprocess_config["mean"] == [0.5, 0.5, 0.5]
-    assert (enc.config.hidden_size, enc.config.grid_size) == (48, 8)  # 32 px / patch 4
+    assert enc.config.hidden_size == 48
+    assert enc.patch_grid(torch.zeros(1, 3, 32, 32)).shape[-2:] == (8, 8)  # 32 px / patch 4
 
 
 def test_shapes_and_unit_norm(tiny_clip):

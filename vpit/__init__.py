@@ -5,22 +5,17 @@
 ...                                  vision_pretrained="webli")
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from .assembly import assemble
-from .configuration_vpit import VPiTConfig, VPiTVisionConfig
 from .decoder import VPiTDecoderPipeline, VPiTDecoderProjector, VPiTVisionEncoderModel
-from .generation import VPiTGenerationOutput, generate
-from .modeling_vpit import VPiTCausalLMOutput, VPiTForCausalLM
-from .pipeline import VPiTPipeline, VPiTPipelineOutput
-from .processing_vpit import VPiTProcessor
-from .vision import VisionEncoder
+from .inference.generation import VPiTGenerationOutput, generate
+from .inference.pipeline import VPiTPipeline, VPiTPipelineOutput
+from .model.assembly import assemble
+from .model.configuration_vpit import VPiTConfig, VPiTVisionConfig
+from .model.modeling_vpit import VPiTCausalLMOutput, VPiTForCausalLM
+from .model.processing_vpit import VPiTProcessor
+from .model.vision import VisionEncoder
 
 __version__ = "0.1.0"
 
-AutoConfig.register(VPiTConfig.model_type, VPiTConfig, exist_ok=True)
-AutoConfig.register(VPiTVisionConfig.model_type, VPiTVisionConfig, exist_ok=True)
-AutoModelForCausalLM.register(VPiTConfig, VPiTForCausalLM, exist_ok=True)
 
 __all__ = [
     "VPiTCausalLMOutput",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .pipeline import AnswerOptions, VPiTPipeline
+    from .inference.pipeline import AnswerOptions, VPiTPipeline
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def _data_validate(args: argparse.Namespace) -> int:
 
     processor = None
     if args.processor:
-        from .processing_vpit import VPiTProcessor
+        from .model.processing_vpit import VPiTProcessor
 
         processor = VPiTProcessor.from_pretrained(args.processor)
     report = validate(
@@ -95,13 +95,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load_pipeline(args: argparse.Namespace) -> VPiTPipeline:
-    from .pipeline import VPiTPipeline
+    from .inference.pipeline import VPiTPipeline
 
     return VPiTPipeline.from_pretrained(args.model, decoder=args.decoder, dtype=args.dtype, device=args.device)
 
 
 def _answer_options(args: argparse.Namespace) -> AnswerOptions:
-    """The generation options `vpit generate` and `vpit chat` share (see `vpit.pipeline.AnswerOptions`)."""
+    """The generation options `vpit generate` and `vpit chat` share (see `vpit.inference.pipeline.AnswerOptions`)."""
     return {
         "max_new_tokens": args.max_new_tokens,
         "do_sample": args.sample,
@@ -135,7 +135,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
+    from .inference.chat import run_chat
 
     pipe = _load_pipeline(args)
     interactive = sys.stdin.isatty()

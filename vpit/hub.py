@@ -1,12 +1,18 @@
-"""Hugging Face Hub I/O: a generated model card and folder uploads.
+"""Hugging Face Hub I/O, in one place: the model cards of both folders vpit saves, and every upload.
 
-Tokens are handed to `huggingface_hub.HfApi` only (or read by it from HF_TOKEN / the login cache); vpit never
-writes them to disk or to logs.
+    VPiT model folder (config.json, model_type "vpit")      -> `build_model_card`
+    decoder folder (model_index.json, VPiTDecoderPipeline)  -> `build_decoder_model_card`
+    either                                                  -> `write_model_card`, `push_folder`, `push_to_hub`
+
+Cards are built from the saved files alone (configs and safetensors headers), so a folder can be described and
+pushed without loading its weights. Tokens are handed to `huggingface_hub.HfApi` only (or read by it from
+HF_TOKEN / the login cache); vpit never writes them to disk or to logs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-CARD_TEMPLATE = """---
+MODEL_CARD_TEMPLATE = """---
 {card_data}
 ---
 
@@ -48,6 +54,42 @@ processor = VPiTProcessor.from_pretrained("{repo_id}")
 batch = processor(text=["<image> Describe the image."], images=["photo.jpg"])
 outputs = model(**batch)
 ```
+{training}"""
+
+
+DECODER_CARD_TEMPLATE = """---
+{card_data}
+---
+
+# {title}
+
+The diffusion autoencoder ("decoder") of a [VPiT](https://github.com/vpit/vpit) model
+([MetaMorph](https://arxiv.org/abs/2412.14164)): a 🧨 diffusers UNet whose cross-attention is conditioned on the
+K continuous visual tokens of a frozen vision encoder (through a small projector) instead of text embeddings.
+It turns visual tokens — encoded from an image, or predicted by a VPiT language model — into pixels.
+
+## Components
+
+| part | value |
+|---|---|
+| UNet | {unet} |
+| {space_label} | {space} |
+| scheduler | {scheduler} |
+| projector | {projector} |
+| zero condition (CFG negative, condition dropout) | all-zero context of shape ({context_length}, {cross_attention_dim}) |
+| vision encoder | {vision} |
+{extra_rows}
+## Usage
+
+```python
+import torch
+import vpit  # registers VPiTDecoderPipeline with diffusers
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}")
+visual_tokens = torch.randn(1, {num_visual_tokens}, {vision_hidden_size})  # e.g. predicted by a VPiT model
+image = pipe(visual_tokens=visual_tokens, guidance_scale=7.5, num_inference_steps=50).images[0]
+{reconstruct}```
 {training}"""
 
 
@@ -106,7 +148,7 @@ def build_model_card(
     training = ""
     if training_config is not None:
         training = "\n## Training configuration\n\n```json\n" + json.dumps(training_config, indent=2) + "\n```\n"
-    text = CARD_TEMPLATE.format(
+    text = MODEL_CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=repo_id.split("/")[-1],
         llm=config.get("text_model_name_or_path") or config.get("text_config", {}).get("model_type", "?"),
@@ -126,29 +168,194 @@ def build_model_card(
     return ModelCard(text)
 
 
+def _parameters(folder: Path) -> str:
+    """The parameter count of a component folder, read from its safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    count = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                count += math.prod(weights.get_slice(name).get_shape())
+    return f"{count / 1e6:.2f} M parameters"
+
+
+def _component_config(folder: Path, name: str) -> dict[str, Any]:
+    files = [folder / name / n for n in ("config.json", "scheduler_config.json")]
+    return next((json.loads(f.read_text()) for f in files if f.is_file()), {})
+
+
+def build_decoder_model_card(
+    folder: str | Path,
+    repo_id: str | None = None,
+    *,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    metrics: dict[str, float] | None = None,
+    training_config: dict[str, Any] | None = None,
+) -> ModelCard:
+    """A model card for the saved decoder folder `folder` (a `VPiTDecoderPipeline`): YAML metadata (library_name
+    diffusers, tags, base model), a component table, a usage snippet, and optionally metrics and the training
+    config.
+
+    Args:
+        folder: the decoder folder (model_index.json and one subfolder per component).
+        repo_id: where it lives or will live on the Hub; used in the title and the usage snippet.
+        license: an SPDX-style licence id for the metadata.
+        datasets: Hub ids of the image data it was trained on.
+        tags: extra tags, added to `vpit`, `metamorph`, `diffusers` and `diffusion-autoencoder`.
+    """
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; save the decoder with save_pretrained first")
+    index = json.loads(index_file.read_text())
+    projector = _component_config(folder, "projector")
+    unet = _component_config(folder, "unet")
+    scheduler = _component_config(folder, "scheduler")
+    source = index.get("base_model")
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        datasets=datasets or None,
+        base_model=_hub_id(source),
+        pipeline_tag="image-to-image",
+        tags=["vpit", "metamorph", "diffusers", "diffusion-autoencoder", *(tags or [])],
+    )
+    if (index.get("vae") or [None])[0] is not None:
+        vae = _component_config(folder, "vae")
+        space_label = "VAE (latent diffusion)"
+        space = f"{index['vae'][1]}, {vae['latent_channels']} latent channels, {_parameters(folder / 'vae')}"
+    else:
+        space_label, space = "space", f"pixel space, {unet['out_channels']} channels"
+    padded = f", zero-padded to {projector['context_length']}" if projector.get("context_length") else ""
+    middle = f" -> {projector['hidden_size']} -> " if projector["projector_type"] == "mlp" else " -> queries -> "
+    vision, reconstruct = "none (pass visual tokens)", ""
+    if (index.get("vision_encoder") or [None])[0] is not None:
+        spec = _component_config(folder, "vision_encoder")["vision_config"]
+        vision = f"{spec['backend']} `{spec['model_name']}` (frozen, {_parameters(folder / 'vision_encoder')})"
+        reconstruct = (
+            "\nfrom PIL import Image\n\n"
+            'reconstruction = pipe(image=Image.open("photo.jpg")).images[0]  # encode -> project -> denoise\n'
+        )
+    unet_row = f"{index['unet'][1]}, {unet['sample_size']} px samples, {_parameters(folder / 'unet')}"
+    if source:
+        unet_row += f" (from `{source}`)"
+    tokens_out = projector.get("num_queries") or projector["num_visual_tokens"]
+    extra_rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
+    training = ""
+    if training_config is not None:
+        training = "\n## Training configuration\n\n```json\n" + json.dumps(training_config, indent=2) + "\n```\n"
+    text = DECODER_CARD_TEMPLATE.format(
+        card_data=card_data.to_yaml(),
+        title=f"VPiT decoder — {repo_id}" if repo_id else "VPiT decoder",
+        unet=unet_row,
+        space_label=space_label,
+        space=space,
+        scheduler=f"{index['scheduler'][1]}, prediction type `{scheduler.get('prediction_type', 'epsilon')}`",
+        projector=f"{projector['projector_type']}: {projector['num_visual_tokens']} x "
+        f"{projector['vision_hidden_size']}{middle}{projector['cross_attention_dim']}{padded} "
+        f"({_parameters(folder / 'projector')})",
+        context_length=projector.get("context_length") or tokens_out,
+        cross_attention_dim=projector["cross_attention_dim"],
+        vision=vision,
+        extra_rows=extra_rows,
+        repo_id=repo_id or "path/to/decoder",
+        num_visual_tokens=projector["num_visual_tokens"],
+        vision_hidden_size=projector["vision_hidden_size"],
+        reconstruct=reconstruct,
+        training=training,
+    )
+    return ModelCard(text)
+
+
+def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwargs: Any) -> Path:
+    """Write README.md into a saved VPiT model folder or decoder folder (whichever `folder` is). Returns its path.
+
+    `card_kwargs` go to `build_model_card` / `build_decoder_model_card` (license, tags, metrics, training_config;
+    datasets for a model).
+    """
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        card = build_decoder_model_card(folder, repo_id, **card_kwargs)
+    elif (folder / "config.json").is_file():
+        card = build_model_card(folder, repo_id or folder.name, **card_kwargs)
+    else:
+        raise FileNotFoundError(
+            f"{folder} is neither a VPiT model folder (config.json) nor a decoder folder (model_index.json); "
+            "save it with save_pretrained first"
+        )
+    card.save(folder / "README.md")
+    return folder / "README.md"
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
     *,
     token: str | None = None,
     private: bool | None = None,
-    commit_message: str = "Upload VPiT model",
+    commit_message: str = "Upload with vpit",
+    create_pr: bool = False,
     **card_kwargs: Any,
 ) -> str:
-    """Upload a VPiT folder to `repo_id`, writing a model card first when the folder has no README.md.
+    """Upload a saved VPiT model folder or decoder folder to `repo_id`, writing its model card first when the
+    folder has no README.md. Returns the commit URL.
 
-    Returns the commit URL.
+    Example:
+        >>> push_folder("outputs/toy/vpit/final", "me/vpit-toy", private=True, license="apache-2.0")
     """
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; save the model with save_pretrained first")
-    readme = folder / "README.md"
-    if not readme.exists():
-        build_model_card(folder, repo_id, **card_kwargs).save(readme)
+    if not (folder / "README.md").exists():
+        write_model_card(folder, repo_id, **card_kwargs)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, create_pr=create_pr
+    )
     return str(commit.commit_url)
 
 
-__all__ = ["build_model_card", "push_folder"]
+def push_to_hub(
+    obj: Any,
+    repo_id: str,
+    *,
+    processor: Any = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload with vpit",
+    create_pr: bool = False,
+    **card_kwargs: Any,
+) -> str:
+    """Save a `VPiTForCausalLM` (with its `processor`) or a `VPiTDecoderPipeline` to a temporary folder with its
+    model card, and upload it. Returns the commit URL.
+
+    Example:
+        >>> push_to_hub(model, "me/vpit-llama3-siglip", processor=processor, license="llama3.1")
+        >>> push_to_hub(decoder, "me/vpit-llama3-siglip-decoder")
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        obj.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        return push_folder(
+            folder,
+            repo_id,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            **card_kwargs,
+        )
+
+
+__all__ = [
+    "build_decoder_model_card",
+    "build_model_card",
+    "push_folder",
+    "push_to_hub",
+    "write_model_card",
+]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .training.config import load_recipe
+from .training.stages import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -18,14 +19,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if args else 2)
-    recipe = load_recipe(args[0], args[1:])
-    if recipe.stage == "decoder":
-        from .recipes import decoder
-
-        return decoder.run(recipe)
-    from .recipes import instruction_tuning
-
-    return instruction_tuning.run(recipe)
+    return run_stage(load_recipe(args[0], args[1:]))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from ..losses import IGNORE_INDEX
+from ..model.losses import IGNORE_INDEX
 
 MODEL_INPUT_KEYS = ("input_ids", "labels", "visual_target_mask", "attention_mask", "position_ids", "pixel_values")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..processing_vpit import VPiTProcessor
+from ..model.processing_vpit import VPiTProcessor
 from .cards import DataCard
 from .encode import encode_sample
 from .formats import RawRecord

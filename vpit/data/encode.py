@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..losses import IGNORE_INDEX
-from ..processing_vpit import VPiTProcessor, token_id
+from ..model.losses import IGNORE_INDEX
+from ..model.processing_vpit import VPiTProcessor, token_id
 from .formats import check_sample
-from .records import RecordError, Sample, load_image
+from .records import RecordError, Sample, load_record_image
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -90,7 +90,7 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
         RecordError: for any structural, image or tokenisation problem (the reason says which).
     """
     check_sample(sample)
-    pixels = [processor.image_transform(load_image(image, sample.image_root)) for image in sample.images]
+    pixels = [processor.image_transform(load_record_image(image, sample.image_root)) for image in sample.images]
     size = processor.preprocess_config.get("size", 224)
     height, width = (size, size) if isinstance(size, int) else size
     pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, height, width)

@@ -24,7 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .records import ImageSource, RecordError, Sample
+from ..model.images import ImageSource
+from .records import RecordError, Sample
 
 FORMATS = ("llava", "messages", "caption", "edit", "frames")
 TASKS = ("understanding", "generation", "other_visual")

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from ..processing_vpit import VPiTProcessor
+from ..model.processing_vpit import VPiTProcessor
 from .cards import DataCard, parse_mixture
 from .encode import encode_sample
 from .formats import RawRecord, check_sample, detect_format, read_json_file, record_to_sample
-from .records import REASONS, RecordError, Sample, load_image
+from .records import REASONS, RecordError, Sample, load_record_image
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _check_one(
             encode_sample(sample, processor, max_length)
         else:
             for image in sample.images:
-                load_image(image, sample.image_root)
+                load_record_image(image, sample.image_root)
     except RecordError as err:
         report.problems.append(
             Problem(source, index, None if record_id is None else str(record_id), err.reason, err.message)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import diffusers
@@ -30,11 +28,9 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from transformers import AutoConfig
 
-from .card import build_decoder_model_card
 from .projector import VPiTDecoderProjector
 from .vision_encoder import VPiTVisionEncoderModel
 
@@ -183,95 +179,6 @@ class VPiTDecoderPipeline(DiffusionPipeline):
             vision_encoder=vision_encoder,
             base_model=source,
         )
-
-    # ------------------------------------------------------------------------------------------ saving
-
-    def save_pretrained(  # type: ignore[override]
-        self,
-        save_directory: str | os.PathLike[str],
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Save every component to its subfolder, model_index.json and a README.md model card.
-
-        Keyword arguments: `license` and `tags` (for the card); with `push_to_hub=True` the folder is uploaded too,
-        and `repo_id` (default: the folder's name), `token`, `private`, `create_pr` and `commit_message` are read.
-        """
-        unknown = set(kwargs) - {"repo_id", "token", "private", "create_pr", "commit_message", "license", "tags"}
-        if unknown:
-            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(unknown)}")
-        super().save_pretrained(
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=False,
-        )
-        repo_id = kwargs.get("repo_id") or (Path(save_directory).name if push_to_hub else None)
-        card = build_decoder_model_card(self, repo_id=repo_id, license=kwargs.get("license"), tags=kwargs.get("tags"))
-        card.save(os.path.join(save_directory, "README.md"))
-        if push_to_hub:
-            assert repo_id is not None  # set above when pushing
-            self._upload(
-                save_directory,
-                repo_id,
-                token=kwargs.get("token"),
-                private=kwargs.get("private"),
-                create_pr=kwargs.get("create_pr", False),
-                commit_message=kwargs.get("commit_message"),
-            )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        license: str | None = None,
-        tags: list[str] | None = None,
-    ) -> str:
-        """Save to a temporary folder (with this pipeline's model card, not diffusers' generic one) and upload it.
-
-        Returns the URL of the commit.
-        """
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(
-                folder,
-                safe_serialization=safe_serialization,
-                variant=variant,
-                repo_id=repo_id,
-                license=license,
-                tags=tags,
-            )
-            return self._upload(
-                folder, repo_id, token=token, private=private, create_pr=create_pr, commit_message=commit_message
-            )
-
-    @staticmethod
-    def _upload(
-        folder: str | os.PathLike[str],
-        repo_id: str,
-        token: str | None,
-        private: bool | None,
-        create_pr: bool,
-        commit_message: str | None,
-    ) -> str:
-        """Create the repo if needed and upload `folder` to it; the token goes to huggingface_hub only."""
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        commit = upload_folder(
-            repo_id=repo_id,
-            folder_path=os.fspath(folder),
-            token=token,
-            commit_message=commit_message or "Upload VPiTDecoderPipeline",
-            create_pr=create_pr,
-        )
-        return str(commit)
 
     # ------------------------------------------------------------------------------------------ inference
 

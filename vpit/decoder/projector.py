@@ -142,19 +142,6 @@ class VPiTDecoderProjector(ModelMixin, ConfigMixin):  # type: ignore[misc]
         """L, the number of context tokens this projector emits (padding included)."""
         return int(self.config["context_length"] or self.num_tokens_out)
 
-    def zero_condition(
-        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
-        """The unconditional context: zeros of shape (B, L, D)."""
-        first = next(self.parameters())
-        return torch.zeros(
-            batch_size,
-            self.output_length,
-            self.config["cross_attention_dim"],
-            device=device or first.device,
-            dtype=dtype or first.dtype,
-        )
-
     @property
     def spatial_channels(self) -> int:
         """C, the channels of the spatial map (0: none)."""

@@ -16,8 +16,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
-from ..configuration_vpit import POOLING_MODES, VPiTVisionConfig
-from ..vision import VisionEncoder, resolve_vision_config
+from ..model.configuration_vpit import POOLING_MODES, VPiTVisionConfig
+from ..model.vision import VisionEncoder, resolve_vision_config
 
 
 # diffusers models combine the two mixins the same way; their `config_name` types disagree in diffusers itself.

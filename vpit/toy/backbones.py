@@ -54,11 +54,11 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from ..configuration_vpit import VPiTVisionConfig
 from ..data.formats import GENERATION_RESPONSE, GENERATION_TEMPLATES
-from ..processing_vpit import DEFAULT_CHAT_TEMPLATE
-from ..tiny import train_bpe_tokenizer
-from ..vision import VisionEncoder
+from ..model.configuration_vpit import VPiTVisionConfig
+from ..model.processing_vpit import DEFAULT_CHAT_TEMPLATE
+from ..model.vision import VisionEncoder
+from .tiny import train_bpe_tokenizer
 from .world import (
     ATTRIBUTES,
     COLOURS,
@@ -164,7 +164,7 @@ def toy_clip_config(image_size: int = 64) -> dict[str, Any]:
 
 
 def _write_open_clip_config(folder: Path, model_cfg: dict[str, Any]) -> None:
-    """open_clip_config.json as `vpit.tiny.save_tiny_open_clip` writes it (mean = std = 0.5, squash resize)."""
+    """open_clip_config.json as `vpit.toy.tiny.save_tiny_open_clip` writes it (mean = std = 0.5, squash resize)."""
     folder.mkdir(parents=True, exist_ok=True)
     preprocess = {"size": model_cfg["vision_cfg"]["image_size"], "mean": [0.5] * 3, "std": [0.5] * 3}
     config = {"model_cfg": model_cfg, "preprocess_cfg": {**preprocess, "resize_mode": "squash"}}

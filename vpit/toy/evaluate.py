@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..data.formats import GENERATION_TEMPLATES
-from ..pipeline import VPiTPipeline
+from ..inference.pipeline import VPiTPipeline
 from .judge import judge
 from .world import (
     ATTRIBUTES,

@@ -13,14 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from ..assembly import assemble
 from ..data.cards import parse_mixture
 from ..data.collator import VPiTCollator
 from ..data.dataset import SkipLog, VPiTBatches, VPiTDataset
-from ..lora import apply_lora
-from ..modeling_vpit import VPiTForCausalLM, full_shape
-from ..processing_vpit import VPiTProcessor
-from .config import DataSection, Recipe
+from ..model.assembly import assemble
+from ..model.lora import apply_lora
+from ..model.modeling_vpit import VPiTForCausalLM, full_shape
+from ..model.processing_vpit import VPiTProcessor
+from .config import DataSection, InstructionRecipe, Recipe
 
 
 def build_accelerator(recipe: Recipe) -> Accelerator:
@@ -58,7 +58,7 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
     return accelerator
 
 
-def build_model(recipe: Recipe) -> tuple[nn.Module, VPiTProcessor]:
+def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
     """Load or assemble the model, wrap it with LoRA when asked, freeze what the recipe freezes."""
     spec = recipe.model
     if spec.pretrained is not None:
@@ -98,7 +98,7 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, VPiTProcessor]:
     return model, processor
 
 
-def freeze(model: VPiTForCausalLM, recipe: Recipe) -> None:
+def freeze(model: VPiTForCausalLM, recipe: InstructionRecipe) -> None:
     """Apply the recipe's freezing. With a frozen LLM the image-token rows can still train: their gradient is
     kept and every other row's is zeroed (Adam then leaves those rows exactly unchanged)."""
     rules = recipe.freeze

@@ -1,9 +1,11 @@
-"""Training recipes: YAML files with dotted command-line overrides, validated into dataclasses.
+"""Training recipes: YAML files with dotted command-line overrides, validated into one typed dataclass per stage.
 
     python -m vpit.train recipes/toy/vpit.yaml optim.lr=1e-4 train.max_steps=200
 
-Every section and key is a dataclass field with a default and help text; unknown keys are errors (a typo never
-silently trains with a default). The resolved recipe is written into every checkpoint and the final folder.
+`stage` picks the recipe class (`RECIPES`): `bridge` and `vpit` read an `InstructionRecipe`, `decoder` a
+`DecoderRecipe`. Every section and key is a dataclass field with a default and help text; unknown keys, and
+sections the stage does not use, are errors (a typo never silently trains with a default, and a `lora:` section
+never sits ignored in a decoder recipe). The resolved recipe is written into every checkpoint and the final folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-STAGES = ("bridge", "vpit", "decoder")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -55,6 +56,30 @@ class ModelSection:
         metadata=_help("weights dtype: float32 / bfloat16 / float16 (mixed precision is train.mixed_precision)"),
     )
     attn_implementation: str = field(default="sdpa", metadata=_help("'sdpa', 'eager' or 'flash_attention_2'"))
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
+    )
+
+
+@dataclass
+class EncoderSection:
+    """The frozen vision encoder the decoder is conditioned on (stage `decoder`): a VPiT folder's, or a spec."""
+
+    pretrained: str | None = field(
+        default=None,
+        metadata=_help("a saved VPiT folder whose vision encoder defines the visual tokens (the usual choice)"),
+    )
+    vision: str = field(
+        default="ViT-SO400M-14-SigLIP-384",
+        metadata=_help("when not `pretrained`: open_clip name / hf-hub: / local-dir:, or an HF id"),
+    )
+    vision_backend: str = field(default="open_clip", metadata=_help("'open_clip' or 'hf'"))
+    vision_pretrained: str | None = field(default=None, metadata=_help("open_clip pretrained tag or weights file"))
+    feature_layer: int = field(
+        default=-1, metadata=_help("encoder block giving the patch tokens (-1: last, before the final norm)")
+    )
+    num_visual_tokens: int = field(default=64, metadata=_help("K, visual tokens per image (a square)"))
+    pooling: str = field(default="bilinear", metadata=_help("'bilinear' or 'avg'"))
     trust_remote_code: bool = field(
         default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
     )
@@ -276,37 +301,53 @@ class DecoderSection:
             raise ValueError(f"decoder.spatial_channels must be >= 0, got {self.spatial_channels}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Recipe:
-    """A whole training run. `stage` picks the recipe: `bridge` (LLM frozen) or `vpit` (full or LoRA)."""
+    """The sections every stage has. A stage's own recipe class adds the sections it uses (see `RECIPES`)."""
 
-    stage: str
-    model: ModelSection
-    data: DataSection
-    lora: LoraSection = field(default_factory=LoraSection)
-    freeze: FreezeSection = field(default_factory=FreezeSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
-    hub: HubSection = field(default_factory=HubSection)
-    decoder: DecoderSection = field(default_factory=DecoderSection)
+    stage: str = field(metadata=_help("which stage runs: bridge, vpit or decoder"))
+    data: DataSection = field(metadata=_help("the data mixture and batching"))
+    optim: OptimSection = field(default_factory=OptimSection, metadata=_help("optimizer and schedule"))
+    train: TrainSection = field(default_factory=TrainSection, metadata=_help("length, precision, checkpoints"))
+    tracking: TrackingSection = field(default_factory=TrackingSection, metadata=_help("experiment trackers"))
+    hub: HubSection = field(default_factory=HubSection, metadata=_help("upload of the final folder"))
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}")
-        if self.stage == "decoder":
-            if self.model.llm is not None:
-                raise ValueError(
-                    "stage 'decoder' needs only a vision encoder: set model.pretrained (a VPiT folder, whose encoder "
-                    "defines the visual tokens) or the model.vision* keys, and model.llm: null"
-                )
-        elif (self.model.pretrained is None) == (self.model.llm is None):
+        expected = [name for name, cls in RECIPES.items() if cls is type(self)]
+        if self.stage not in expected:
+            raise ValueError(f"a {type(self).__name__} is for stage {expected}, got stage {self.stage!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class InstructionRecipe(Recipe):
+    """Stages `bridge` (LLM frozen; the bridge and image-token rows train) and `vpit` (LLM full or LoRA, bridge and
+    visual head)."""
+
+    model: ModelSection = field(metadata=_help("where the model comes from"))
+    lora: LoraSection = field(default_factory=LoraSection, metadata=_help("LoRA on the LLM"))
+    freeze: FreezeSection = field(default_factory=FreezeSection, metadata=_help("what does not train"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.model.pretrained is None) == (self.model.llm is None):
             raise ValueError("model: give exactly one of `pretrained` (a VPiT folder) or `llm` (to assemble)")
         if self.stage == "bridge" and (not self.freeze.llm or self.lora.enabled):
             raise ValueError("stage 'bridge' trains the bridge with the LLM frozen: set freeze.llm: true, no lora")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclass(kw_only=True)
+class DecoderRecipe(Recipe):
+    """Stage `decoder`: the diffusion decoder, trained on images alone through the frozen vision encoder."""
+
+    model: EncoderSection = field(metadata=_help("the frozen vision encoder that defines the visual tokens"))
+    decoder: DecoderSection = field(default_factory=DecoderSection, metadata=_help("the decoder and its training"))
+
+
+# stage name -> its recipe class; `vpit.training.stages.STAGES` maps the same names to the code that runs them.
+RECIPES: dict[str, type[Recipe]] = {"bridge": InstructionRecipe, "vpit": InstructionRecipe, "decoder": DecoderRecipe}
 
 
 T = TypeVar("T")
@@ -318,13 +359,18 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
+    if unknown and issubclass(cls, Recipe):
+        raise ValueError(
+            f"unknown keys {unknown}: stage {data.get('stage')!r} ({cls.__name__}) does not use them; its sections "
+            f"are {sorted(set(fields) - {'stage'})}"
+        )
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
-        sub = _SECTIONS.get(name) if cls is Recipe else None
+        sub = hints[name] if dataclasses.is_dataclass(hints[name]) else None
         kwargs[name] = _build(sub, value, key) if sub is not None else _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
@@ -348,19 +394,6 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         except ValueError:
             raise ValueError(f"{key} must be an integer, got {value!r}") from None
     return value
-
-
-_SECTIONS: dict[str, type] = {
-    "model": ModelSection,
-    "data": DataSection,
-    "lora": LoraSection,
-    "freeze": FreezeSection,
-    "optim": OptimSection,
-    "train": TrainSection,
-    "tracking": TrackingSection,
-    "hub": HubSection,
-    "decoder": DecoderSection,
-}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -390,10 +423,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "") -> Recipe:
+    """Validate a recipe mapping into the recipe class of its `stage`."""
     try:
-        return _build(Recipe, data, "")
+        stage = data.get("stage") if isinstance(data, dict) else None
+        if stage not in RECIPES:
+            raise ValueError(f"stage must be one of {list(RECIPES)}, got {stage!r}")
+        return _build(RECIPES[stage], data, "")
     except ValueError as err:
         raise ValueError(f"{where}: {err}" if where else str(err)) from err
 
 
-__all__ = ["Recipe", "apply_overrides", "load_recipe", "recipe_from_dict"]
+__all__ = [
+    "RECIPES",
+    "DecoderRecipe",
+    "InstructionRecipe",
+    "Recipe",
+    "apply_overrides",
+    "load_recipe",
+    "recipe_from_dict",
+]

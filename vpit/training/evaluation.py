@@ -19,10 +19,11 @@ from PIL import Image
 from torch import nn
 
 from ..data.cards import DataCard
-from ..data.records import ImageSource, RecordError, Sample, load_image
-from ..generation import generate
-from ..modeling_vpit import VPiTForCausalLM
-from ..processing_vpit import VPiTProcessor
+from ..data.records import RecordError, Sample, load_record_image
+from ..inference.generation import generate
+from ..model.images import ImageSource
+from ..model.modeling_vpit import VPiTForCausalLM
+from ..model.processing_vpit import VPiTProcessor
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -79,7 +80,7 @@ def answer_accuracy(
     for sample in samples:
         prompt = processor.apply_chat_template(sample.messages[:-1], add_generation_prompt=True)
         images: list[ImageSource] = [
-            load_image(image, sample.image_root) for image in sample.images[: prompt.count("<image>")]
+            load_record_image(image, sample.image_root) for image in sample.images[: prompt.count("<image>")]
         ]
         batch = processor([prompt], images=images or None, add_special_tokens=False)
         out = generate(

@@ -5,21 +5,17 @@ The loop is deliberately small: accumulate, step, log, checkpoint, evaluate. Eve
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collator import model_inputs
-from ..processing_vpit import VPiTProcessor
 from .checkpoint import TrainerState, save_checkpoint
 from .config import Recipe
 
@@ -157,57 +153,4 @@ def plot_loss_curve(history: list[dict[str, float]], path: Path) -> Path | None:
     return path
 
 
-def finish(
-    accelerator: Accelerator,
-    model: nn.Module,
-    processor: VPiTProcessor,
-    recipe: Recipe,
-    run_dir: Path,
-    state: TrainerState,
-    lora_base: Path | None = None,
-) -> Path:
-    """Write the final, self-describing model folder (loadable without DeepSpeed or peft), the summary, the loss
-    curve and a model card; push to the Hub when the recipe asks. Returns the final folder.
-
-    Every process takes part (ZeRO-3 gathers the 16-bit weights from all ranks); only the main process writes.
-    """
-    from ..hub import build_model_card, push_folder
-
-    final = run_dir / "final"
-    counts = accelerator.reduce(torch.tensor([state.samples, state.skipped], device=accelerator.device), "sum")
-    samples, skipped = (int(c) for c in counts.cpu())  # over all processes
-    state_dict = accelerator.get_state_dict(model)  # gathered across ranks under ZeRO-3
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        if recipe.lora.enabled:
-            from ..lora import load_lora, merge_lora
-
-            assert lora_base is not None, "a LoRA run saves its base model first"
-            unwrapped.save_pretrained(run_dir / "adapter", state_dict=state_dict)
-            merge_lora(load_lora(lora_base, run_dir / "adapter")).save_pretrained(final)
-        else:
-            unwrapped.save_pretrained(final, state_dict=state_dict)
-        processor.save_pretrained(final)
-        metrics = {k: v for k, v in (state.history[-1] if state.history else {}).items() if math.isfinite(v)}
-        summary = {"steps": state.step, "samples": samples, "skipped": skipped, "final": metrics}
-        (final / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
-        plot_loss_curve(state.history, run_dir / "loss_curve.png")
-        card_metrics = {k: round(v, 4) for k, v in metrics.items() if k in LOSS_KEYS}
-        card_metrics |= {"steps": state.step, "skipped records": skipped}
-        repo_id = recipe.hub.repo_id or run_dir.name
-        build_model_card(
-            final, repo_id, license=recipe.hub.license, metrics=card_metrics, training_config=recipe.to_dict()
-        ).save(final / "README.md")
-        if recipe.hub.push and recipe.hub.repo_id:
-            push_folder(final, recipe.hub.repo_id, private=recipe.hub.private)
-        print(
-            f"[vpit] {recipe.stage}: {state.step} steps, {samples} samples, {skipped} records skipped "
-            f"(see {run_dir / 'skipped.jsonl'}); final model in {final}"
-        )
-    accelerator.wait_for_everyone()
-    return final
-
-
-__all__ = ["evaluate_losses", "finish", "plot_loss_curve", "train_loop"]
+__all__ = ["LOSS_KEYS", "evaluate_losses", "plot_loss_curve", "train_loop"]

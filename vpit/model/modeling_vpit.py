@@ -5,7 +5,7 @@
                                   LLM -> h (B, T, H) -> LM head -> text CE on labelled tokens
                                                      -> visual head -> normalise -> cosine loss on response slots
 
-Dimension letters: see `vpit.configuration_vpit`.
+Dimension letters: see `vpit.model.configuration_vpit`.
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .bridge import build_bridge
+from .adapters import build_bridge, build_visual_head
 from .configuration_vpit import VPiTConfig
 from .losses import IGNORE_INDEX, cosine_loss, text_loss
 from .processing_vpit import token_id
 from .vision import VisionEncoder
-from .visual_head import build_visual_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from .processing_vpit import VPiTProcessor
 
 
 @dataclass
@@ -369,18 +366,18 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Unified decoding of text and images with a KV cache: see `vpit.generation.generate`.
+        """Unified decoding of text and images with a KV cache: see `vpit.inference.generation.generate`.
 
         Example:
             >>> batch = processor.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
             >>> out = model.generate(**batch, max_new_tokens=64)
             >>> out.sequences, out.images   # token ids; per row, the (K, Dv) visual tokens of each image
         """
-        from .generation import generate
+        from ..inference.generation import generate
 
         return generate(self, *args, **kwargs)
 
-    # ---------------------------------------------------------------------------------------- export / hub
+    # ---------------------------------------------------------------------------------------------- export
 
     def save_language_model(
         self, save_directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, **kwargs: Any
@@ -390,32 +387,6 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         self.language_model.save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
-
-    def push_to_hub(  # type: ignore[override]
-        self,
-        repo_id: str,
-        processor: VPiTProcessor | None = None,
-        *,
-        token: str | None = None,
-        private: bool | None = None,
-        commit_message: str = "Upload VPiT model",
-        **card_kwargs: Any,
-    ) -> str:
-        """Save to a temporary folder with a generated model card and upload it. Returns the commit URL.
-
-        `token` is passed to huggingface_hub only; it is never written to disk or logged.
-        """
-        import tempfile
-
-        from .hub import push_folder
-
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            if processor is not None:
-                processor.save_pretrained(folder)
-            return push_folder(
-                folder, repo_id, token=token, private=private, commit_message=commit_message, **card_kwargs
-            )
 
 
 __all__ = ["VPiTCausalLMOutput", "VPiTForCausalLM", "VPiTPreTrainedModel"]

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from .configuration_vpit import VPiTConfig
-from .data.records import ImageSource, load_image
+from .images import ImageSource, load_image
 from .vision import build_image_transform
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -143,7 +143,7 @@ class VPiTProcessor:
 
     def preprocess_images(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Images (PIL, paths, bytes) -> (I, 3, S, S): decoded, EXIF-oriented and converted to RGB by
-        `vpit.data.records.load_image` (transparency onto white, 16-bit scaled), then the encoder's transform."""
+        `vpit.model.images.load_image` (transparency onto white, 16-bit scaled), then the encoder's transform."""
         return torch.stack([self.image_transform(load_image(image)) for image in images])
 
     # ------------------------------------------------------------------------------------------- call

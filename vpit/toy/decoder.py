@@ -20,7 +20,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
-from .projector import VPiTDecoderProjector
+from ..decoder.projector import VPiTDecoderProjector
 
 TOY_IMAGE_SIZE = 32
 TOY_LATENT_CHANNELS = 4

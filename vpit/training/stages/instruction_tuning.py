@@ -7,31 +7,38 @@ generation and other visual data. The YAML recipe says which; this file reads to
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
+from torch import nn
 
-from ..data.cards import parse_mixture
-from ..processing_vpit import VPiTProcessor
-from ..training.checkpoint import resume
-from ..training.components import (
+from ...data.cards import parse_mixture
+from ...hub import push_folder, write_model_card
+from ...model.lora import load_lora, merge_lora
+from ...model.processing_vpit import VPiTProcessor
+from ..checkpoint import TrainerState, resume
+from ..components import (
     build_accelerator,
     build_batches,
     build_model,
     build_optimizer,
     build_scheduler,
 )
-from ..training.config import DataSection, Recipe
-from ..training.evaluation import answer_accuracy, generation_grid, held_out_samples
-from ..training.loop import evaluate_losses, finish, train_loop
+from ..config import DataSection, InstructionRecipe
+from ..evaluation import answer_accuracy, generation_grid, held_out_samples
+from ..loop import LOSS_KEYS, evaluate_losses, plot_loss_curve, train_loop
 
 
-def run(recipe: Recipe) -> Path:
+def run(recipe: InstructionRecipe) -> Path:
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe)
     set_seed(recipe.train.seed)
@@ -68,8 +75,60 @@ def run(recipe: Recipe) -> Path:
     return final
 
 
+def finish(
+    accelerator: Accelerator,
+    model: nn.Module,
+    processor: VPiTProcessor,
+    recipe: InstructionRecipe,
+    run_dir: Path,
+    state: TrainerState,
+    lora_base: Path | None = None,
+) -> Path:
+    """Write the final, self-describing model folder (loadable without DeepSpeed or peft), the summary, the loss
+    curve and a model card; push to the Hub when the recipe asks. Returns the final folder.
+
+    Every process takes part (ZeRO-3 gathers the 16-bit weights from all ranks); only the main process writes.
+    """
+    final = run_dir / "final"
+    counts = accelerator.reduce(torch.tensor([state.samples, state.skipped], device=accelerator.device), "sum")
+    samples, skipped = (int(c) for c in counts.cpu())  # over all processes
+    state_dict = accelerator.get_state_dict(model)  # gathered across ranks under ZeRO-3
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if recipe.lora.enabled:
+            assert lora_base is not None, "a LoRA run saves its base model first"
+            unwrapped.save_pretrained(run_dir / "adapter", state_dict=state_dict)
+            merge_lora(load_lora(lora_base, run_dir / "adapter")).save_pretrained(final)
+        else:
+            unwrapped.save_pretrained(final, state_dict=state_dict)
+        processor.save_pretrained(final)
+        metrics = {k: v for k, v in (state.history[-1] if state.history else {}).items() if math.isfinite(v)}
+        summary = {"steps": state.step, "samples": samples, "skipped": skipped, "final": metrics}
+        (final / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
+        plot_loss_curve(state.history, run_dir / "loss_curve.png")
+        card_metrics = {k: round(v, 4) for k, v in metrics.items() if k in LOSS_KEYS}
+        card_metrics |= {"steps": state.step, "skipped records": skipped}
+        write_model_card(
+            final,
+            recipe.hub.repo_id or run_dir.name,
+            license=recipe.hub.license,
+            metrics=card_metrics,
+            training_config=recipe.to_dict(),
+        )
+        if recipe.hub.push and recipe.hub.repo_id:
+            push_folder(final, recipe.hub.repo_id, private=recipe.hub.private)
+        print(
+            f"[vpit] {recipe.stage}: {state.step} steps, {samples} samples, {skipped} records skipped "
+            f"(see {run_dir / 'skipped.jsonl'}); final model in {final}"
+        )
+    accelerator.wait_for_everyone()
+    return final
+
+
 def _evaluator(
-    accelerator: Accelerator, model: Any, processor: VPiTProcessor, recipe: Recipe, run_dir: Path
+    accelerator: Accelerator, model: Any, processor: VPiTProcessor, recipe: InstructionRecipe, run_dir: Path
 ) -> Callable[[int], dict[str, float]]:
     """Held-out losses and answer accuracy every `train.eval_every` steps, plus a grid of generated images when
     `train.eval_decoder` names a decoder."""
@@ -82,7 +141,7 @@ def _evaluator(
     questions = held_out_samples(cards, "understanding", rank, world, per_rank, recipe.data.use_sample)
     decoder, prompts = None, []
     if recipe.train.eval_decoder:
-        from ..decoder import VPiTDecoderPipeline
+        from ...decoder import VPiTDecoderPipeline
 
         decoder = VPiTDecoderPipeline.from_pretrained(recipe.train.eval_decoder)
         prompts = [
@@ -106,7 +165,7 @@ def _evaluator(
     return evaluate
 
 
-def _eval_section(recipe: Recipe) -> DataSection:
+def _eval_section(recipe: InstructionRecipe) -> DataSection:
     import dataclasses
 
     return dataclasses.replace(recipe.data, mixture=recipe.data.eval_mixture, seed=recipe.data.seed + 1, num_workers=0)

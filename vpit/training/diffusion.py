@@ -30,8 +30,8 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .pipeline_vpit_decoder import VPiTDecoderPipeline
-from .projector import VPiTDecoderProjector
+from ..decoder.pipeline_vpit_decoder import VPiTDecoderPipeline
+from ..decoder.projector import VPiTDecoderProjector
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

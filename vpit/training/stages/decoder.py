@@ -21,22 +21,23 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import nn
 from torchvision import transforms
 
-from ..data.cards import parse_mixture
-from ..data.records import RecordError, Sample, load_image
-from ..decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel, create_decoder_ema, decoder_loss
-from ..decoder.toy import toy_decoder_components
-from ..decoder.training import validation_reconstructions
-from ..training.checkpoint import resume
-from ..training.components import build_accelerator, build_image_batches, build_scheduler
-from ..training.config import Recipe
-from ..training.evaluation import held_out_samples
-from ..training.loop import plot_loss_curve, train_loop
+from ...data.cards import parse_mixture
+from ...data.records import RecordError, Sample, load_record_image
+from ...decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel
+from ...hub import push_folder, write_model_card
+from ...toy.decoder import toy_decoder_components
+from ..checkpoint import resume
+from ..components import build_accelerator, build_image_batches, build_scheduler
+from ..config import DecoderRecipe
+from ..diffusion import create_decoder_ema, decoder_loss, validation_reconstructions
+from ..evaluation import held_out_samples
+from ..loop import plot_loss_curve, train_loop
 
 
 class DecoderTrainable(nn.Module):
     """The trainable parts in one module, so that DDP / DeepSpeed wrap a single model whose forward is the loss."""
 
-    def __init__(self, pipeline: VPiTDecoderPipeline, noise_scheduler: DDPMScheduler, recipe: Recipe):
+    def __init__(self, pipeline: VPiTDecoderPipeline, noise_scheduler: DDPMScheduler, recipe: DecoderRecipe):
         super().__init__()
         self.unet = pipeline.unet
         self.projector = pipeline.projector
@@ -67,18 +68,18 @@ class DecoderTrainable(nn.Module):
         )
 
 
-def build_decoder(recipe: Recipe) -> VPiTDecoderPipeline:
+def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
     """The pipeline to train: from the toy configs, a Stable Diffusion folder, or a saved decoder; its vision
     encoder from the VPiT model (`model.pretrained`) or the vision spec (`model.vision*`)."""
     spec, settings = recipe.model, recipe.decoder
     if spec.pretrained is not None:
-        from ..modeling_vpit import VPiTForCausalLM
+        from ...model.modeling_vpit import VPiTForCausalLM
 
         encoder = VPiTVisionEncoderModel.from_vision_encoder(
             VPiTForCausalLM.from_pretrained(spec.pretrained).vision_tower
         )
     else:
-        from ..configuration_vpit import VPiTVisionConfig
+        from ...model.configuration_vpit import VPiTVisionConfig
 
         vision = VPiTVisionConfig(
             backend=spec.vision_backend,
@@ -133,14 +134,14 @@ class ImageEncoder:
     def __call__(self, sample: Sample) -> dict[str, Any]:
         if not sample.images:
             raise RecordError("bad_record", "the decoder trains on images; this record has none")
-        images = [load_image(image, sample.image_root) for image in sample.images]
+        images = [load_record_image(image, sample.image_root) for image in sample.images]
         return {
             "encoder_pixels": torch.stack([self.encoder_transform(i) for i in images]),
             "images": torch.stack([self.decoder_transform(i) for i in images]),
         }
 
 
-def run(recipe: Recipe) -> Path:
+def run(recipe: DecoderRecipe) -> Path:
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe)
     set_seed(recipe.train.seed)
@@ -197,7 +198,7 @@ def run(recipe: Recipe) -> Path:
     if recipe.train.eval_every:
         cards = [entry.load() for entry in parse_mixture(recipe.data.eval_mixture or recipe.data.mixture)]
         held_out = [
-            load_image(s.images[-1], s.image_root)
+            load_record_image(s.images[-1], s.image_root)
             for s in held_out_samples(cards, cards[0].task, 0, 1, settings.validation_images, recipe.data.use_sample)
             if s.images
         ]
@@ -249,6 +250,15 @@ def run(recipe: Recipe) -> Path:
             ema.copy_to(params)
         pipeline.save_pretrained(final)
         (final / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        write_model_card(
+            final,
+            recipe.hub.repo_id or run_dir.name,
+            license=recipe.hub.license,
+            metrics={"steps": state.step, "images": state.samples},
+            training_config=recipe.to_dict(),
+        )
+        if recipe.hub.push and recipe.hub.repo_id:
+            push_folder(final, recipe.hub.repo_id, private=recipe.hub.private)
         (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
         plot_loss_curve(state.history, run_dir / "loss_curve.png")
         print(f"[vpit] decoder: {state.step} steps, {state.samples} images; final decoder in {final}")

@@ -19,7 +19,7 @@ In TEXT the slot token is never sampled, and <image_start> is barred once a row 
 h_last is the final hidden state of the newest position, `hidden_states[-1][:, -1]`, i.e. the LM head's input:
 the hidden state one position before a slot predicts that slot's visual token, the shift training uses.
 
-Shapes (letters as in `vpit.configuration_vpit`; N new tokens):
+Shapes (letters as in `vpit.model.configuration_vpit`; N new tokens):
 
     input_ids, attention_mask   (B, T)        left-padded prompts, K image_token_id slots per prompt image
     pixel_values                (I, 3, S, S)  prompt images, row-major in slot order (or visual_tokens (I, K, Dv))
@@ -51,7 +51,7 @@ from transformers.generation import (
 from transformers.utils import ModelOutput
 
 if TYPE_CHECKING:
-    from .modeling_vpit import VPiTForCausalLM
+    from ..model.modeling_vpit import VPiTForCausalLM
 
 
 class Streamer(Protocol):

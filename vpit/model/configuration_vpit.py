@@ -10,31 +10,16 @@ Glossary of dimension letters used across vpit:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import field
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .adapters import check_bridge, check_visual_head
+
 VISION_BACKENDS = ("open_clip", "hf")
 POOLING_MODES = ("bilinear", "avg")
-VISUAL_HEADS = ("linear", "mlp")
-_MLP_BRIDGE = re.compile(r"^mlp(\d+)x_gelu$")
-
-
-def parse_bridge(bridge: str) -> int:
-    """Number of Linear layers in a bridge spec: `linear` -> 1, `mlpNx_gelu` -> N.
-
-    Raises:
-        ValueError: for anything else, naming the accepted forms.
-    """
-    if bridge == "linear":
-        return 1
-    match = _MLP_BRIDGE.match(bridge)
-    if match is None or int(match.group(1)) < 1:
-        raise ValueError(f"bridge must be 'linear' or 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu'), got {bridge!r}")
-    return int(match.group(1))
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -45,7 +30,7 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class VPiTVisionConfig(PreTrainedConfig):
     """Which frozen vision encoder produces the visual tokens, and which of its layers.
 
-    The architecture is recorded in `model_config` once resolved (see `vpit.vision.resolve_vision_config`), so
+    The architecture is recorded in `model_config` once resolved (see `vpit.model.vision.resolve_vision_config`), so
     a saved VPiT folder rebuilds its encoder without the open_clip registry, the Hub, or a custom config file.
     """
 
@@ -82,7 +67,6 @@ class VPiTVisionConfig(PreTrainedConfig):
         metadata={"help": "Resolved image transform (open_clip PreprocessCfg fields: size, mean, std, ...)."},
     )
     hidden_size: int | None = field(default=None, metadata={"help": "Dv, the patch-token width; resolved."})
-    grid_size: int | None = field(default=None, metadata={"help": "Patches per side of the token grid; resolved."})
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -184,8 +168,8 @@ class VPiTConfig(PreTrainedConfig):
                 f"{self.num_visual_tokens}; the nearest square is {nearest}"
             )
         _one_of("pooling", self.pooling, POOLING_MODES)
-        parse_bridge(self.bridge)
-        _one_of("visual_head", self.visual_head, VISUAL_HEADS)
+        check_bridge(self.bridge)
+        check_visual_head(self.visual_head)
         if not (self.visual_loss_weight >= 0 and math.isfinite(self.visual_loss_weight)):
             raise ValueError(f"visual_loss_weight must be a finite number >= 0, got {self.visual_loss_weight}")
         tokens = [self.image_start_token, self.image_end_token, self.image_token]
@@ -211,10 +195,5 @@ class VPiTConfig(PreTrainedConfig):
         "auto" bucket sizes in accelerate)."""
         return int(self.get_text_config().hidden_size)
 
-    @property
-    def visual_grid_size(self) -> int:
-        """k, the side of the pooled k x k visual-token grid."""
-        return math.isqrt(self.num_visual_tokens)
 
-
-__all__ = ["VPiTConfig", "VPiTVisionConfig", "parse_bridge"]
+__all__ = ["POOLING_MODES", "VISION_BACKENDS", "VPiTConfig", "VPiTVisionConfig"]

@@ -92,7 +92,7 @@ def _build_tower(config: VPiTVisionConfig) -> nn.Module:
     """Build the tower from a resolved config, randomly initialised (weights come from a checkpoint)."""
     if config.model_config is None:
         raise ValueError(
-            "vision_config.model_config is not resolved; call vpit.vision.resolve_vision_config(config) or "
+            "vision_config.model_config is not resolved; call vpit.model.vision.resolve_vision_config(config) or "
             "assemble the model with vpit.assemble(...)"
         )
     if config.backend == "open_clip":
@@ -162,7 +162,7 @@ class VisionEncoder(nn.Module):
         tower: an already-built tower (e.g. with pretrained weights); built from `config` when omitted.
 
     Example:
-        >>> enc = VisionEncoder.from_config(resolve_vision_config(VPiTVisionConfig(model_name="ViT-B-16")), 64)
+        >>> enc = VisionEncoder(resolve_vision_config(VPiTVisionConfig(model_name="ViT-B-16")), 64)
         >>> enc(torch.zeros(2, 3, 224, 224)).shape
         torch.Size([2, 64, 768])
     """
@@ -187,10 +187,6 @@ class VisionEncoder(nn.Module):
         self._block_index = self._resolve_block_index()
 
     @classmethod
-    def from_config(cls, config: VPiTVisionConfig, num_visual_tokens: int, **kwargs: Any) -> VisionEncoder:
-        return cls(config, num_visual_tokens, **kwargs)
-
-    @classmethod
     def from_pretrained_spec(
         cls, config: VPiTVisionConfig, num_visual_tokens: int, trust_remote_code: bool = False, **kwargs: Any
     ) -> VisionEncoder:
@@ -200,7 +196,7 @@ class VisionEncoder(nn.Module):
         encoder = cls(config, num_visual_tokens, tower=tower, **kwargs)
         with torch.no_grad():
             probe = encoder.patch_grid(torch.zeros(1, 3, *encoder.image_size))
-        config.hidden_size, config.grid_size = int(probe.shape[1]), int(probe.shape[-1])
+        config.hidden_size = int(probe.shape[1])
         return encoder
 
     # ---- introspection

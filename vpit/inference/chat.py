@@ -11,7 +11,7 @@ One line is one user message, except the commands:
 An attached image goes where the message has an `<image>` marker, or in front of the message when it has none.
 The answer is printed while it is generated, `<image>` standing for each generated image; each image the decoder
 draws is saved as a PNG in the output folder and its path printed on a line of its own ("[image] PATH"). The
-conversation, generated images included (as their visual tokens, see `vpit.pipeline`), is the prompt of the next
+conversation, generated images included (as their visual tokens, see `vpit.inference.pipeline`), is the prompt of the next
 turn. The loop works on any stream, a terminal or a pipe; the prompt sign is printed only to a terminal.
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from PIL import Image
 
-from .data.records import RecordError, load_image
+from ..model.images import ImageError, load_image
 from .pipeline import Conversation, VPiTPipeline
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def _attach(arguments: str, output: TextIO) -> list[Image.Image]:
     for path in paths:
         try:
             good.append(load_image(path))
-        except RecordError as error:
+        except ImageError as error:
             print(f"[error: {error}]", file=output)
             continue
         print(f"[attached {path}]", file=output)

@@ -2,7 +2,7 @@
 
     prompt (+ history, + images) ──chat template──► <image> markers expanded to K slots ──► left-padded ids (B, T)
     images: given ones ──vision encoder──► z (I, K, Dv); generated ones are already z ──┘ spliced at the slots
-                                    vpit.generation.generate ──► new ids (B, N) + predicted ẑ (K, Dv) per image
+                                    vpit.inference.generation.generate ──► new ids (B, N) + predicted ẑ (K, Dv) per image
     new ids ──decode──► text, `<image>` where each complete image was      ẑ ──decoder (optional)──► PIL images
 
 History. A `Conversation` holds the messages so far (content strings with `<image>` markers, the chat format of
@@ -12,7 +12,7 @@ visual tokens ẑ (K, Dv) and fed back as they are (`generate(visual_tokens=...)
 re-encoded. ẑ is what the model saw itself produce, so a later turn ("make it blue") conditions on exactly the
 tokens of its own image, and no decoder is needed to continue a conversation.
 
-Letters as in `vpit.configuration_vpit`: B rows, T prompt length, N new tokens, I images, K visual tokens per image,
+Letters as in `vpit.model.configuration_vpit`: B rows, T prompt length, N new tokens, I images, K visual tokens per image,
 Dv their width.
 """
 
@@ -29,11 +29,11 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 from transformers.generation import LogitsProcessor
 
-from .data.records import ImageSource
-from .decoder import VPiTDecoderPipeline
+from ..decoder import VPiTDecoderPipeline
+from ..model.images import ImageSource
+from ..model.modeling_vpit import VPiTForCausalLM
+from ..model.processing_vpit import VPiTProcessor
 from .generation import DEFAULT_MAX_NEW_TOKENS, Streamer, VPiTGenerationOutput, generate
-from .modeling_vpit import VPiTForCausalLM
-from .processing_vpit import VPiTProcessor
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -79,7 +79,7 @@ class AnswerOptions(TypedDict, total=False):
     Args:
         history: the `Conversation` the prompt continues (single prompts only): `out.conversation` of an answer.
         max_new_tokens: tokens to generate at most (K slots and two boundary tokens per image count); 256.
-        do_sample, temperature, top_p, top_k: sampling (default greedy), as in `vpit.generation.generate`.
+        do_sample, temperature, top_p, top_k: sampling (default greedy), as in `vpit.inference.generation.generate`.
         start_with_image: end the prompt with `<image_start>`, so that the answer starts with a generated image.
         max_images_per_row: images an answer may start at most (None: no limit).
         logits_processor: extra transformers `LogitsProcessor`s, passed to `generate`.
@@ -233,7 +233,7 @@ class VPiTPipeline:
 
         Raises:
             ValueError: on a marker count that differs from the images, a message whose content is not a string, a
-                history with a batch, or bad generation arguments (see `vpit.generation.generate`).
+                history with a batch, or bad generation arguments (see `vpit.inference.generation.generate`).
         """
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             return self._run([str(p) for p in prompt], list(images or []), **options)

@@ -1,0 +1,82 @@
+"""Adapters between the vision encoder and the LLM, behind one small registry each.
+
+    bridge       encoder tokens (.., Dv) -> LLM input embeddings (.., H)
+    visual head  LLM hidden states (.., H) -> predicted visual tokens (.., Dv)
+
+A name in the config (`VPiTConfig.bridge`, `VPiTConfig.visual_head`) selects a builder here; adding a variant is
+one function plus one registry line. Bridge names may carry a depth: `mlpNx_gelu` is N Linear layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+_MLP_BRIDGE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+def _mlp_gelu(depth: int, vision_size: int, hidden_size: int) -> nn.Sequential:
+    """Linear(Dv, H) then (GELU, Linear(H, H)) x (depth - 1); `mlp2x_gelu` is LLaVA-1.5's projector and MetaMorph's
+    1152 -> 4096 -> 4096 bridge."""
+    layers: list[nn.Module] = [nn.Linear(vision_size, hidden_size)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(hidden_size, hidden_size)]
+    return nn.Sequential(*layers)
+
+
+def _linear_head(hidden_size: int, vision_size: int) -> nn.Sequential:
+    """Linear(H, Dv)."""
+    return nn.Sequential(nn.Linear(hidden_size, vision_size))
+
+
+def _mlp_head(hidden_size: int, vision_size: int) -> nn.Sequential:
+    """Linear(H, H)-GELU-Linear(H, Dv) (MetaMorph: 4096 -> 4096 -> 1152)."""
+    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, vision_size))
+
+
+# name -> builder(Dv, H); `mlpNx_gelu` is parsed (see `check_bridge`).
+BRIDGES: dict[str, Callable[[int, int], nn.Module]] = {
+    "linear": lambda vision_size, hidden_size: _mlp_gelu(1, vision_size, hidden_size),
+}
+# name -> builder(H, Dv)
+VISUAL_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+    "linear": _linear_head,
+    "mlp": _mlp_head,
+}
+
+
+def check_bridge(name: str) -> None:
+    """Raise an actionable ValueError unless `name` is a registered bridge or `mlpNx_gelu` with N >= 1."""
+    match = _MLP_BRIDGE.match(name)
+    if name not in BRIDGES and (match is None or int(match.group(1)) < 1):
+        raise ValueError(
+            f"bridge must be {' or '.join(map(repr, sorted(BRIDGES)))} or 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu'), "
+            f"got {name!r}"
+        )
+
+
+def check_visual_head(name: str) -> None:
+    """Raise an actionable ValueError unless `name` is a registered visual head."""
+    if name not in VISUAL_HEADS:
+        raise ValueError(f"visual_head must be one of {sorted(VISUAL_HEADS)}, got {name!r}")
+
+
+def build_bridge(name: str, vision_size: int, hidden_size: int) -> nn.Module:
+    """The bridge `name`: (.., Dv) -> (.., H)."""
+    check_bridge(name)
+    if name in BRIDGES:
+        return BRIDGES[name](vision_size, hidden_size)
+    match = _MLP_BRIDGE.match(name)
+    assert match is not None  # checked above
+    return _mlp_gelu(int(match.group(1)), vision_size, hidden_size)
+
+
+def build_visual_head(name: str, hidden_size: int, vision_size: int) -> nn.Module:
+    """The visual head `name`: (.., H) -> (.., Dv)."""
+    check_visual_head(name)
+    return VISUAL_HEADS[name](hidden_size, vision_size)
+
+
+__all__ = ["BRIDGES", "VISUAL_HEADS", "build_bridge", "build_visual_head", "check_bridge", "check_visual_head"]
