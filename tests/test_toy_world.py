@@ -1,4 +1,4 @@
-"""The toy world: the renderer follows DESIGN.md's grammar, the generators keep the held-out pairs out of every
+"""The toy world: the renderer follows docs/toy_world.md, the generators keep the held-out pairs out of every
 response image, splits are seeded, and the toy cards read the generated sets cleanly."""
 
 import json

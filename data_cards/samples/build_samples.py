@@ -9,7 +9,7 @@ cards: a JSON list, as the real files are) or `records.jsonl`, with the images u
   hand-written stand-ins in the real schema (the same keys, id styles and image path layouts, so a card's `fields`
   mapping is exercised), and the pictures are small synthetic scenes drawn here that match the text. Nothing is
   copied from the real datasets.
-- Toy cards: rendered exactly by the toy-world grammar of DESIGN.md (white 64x64 canvas, the six flat colours,
+- Toy cards: rendered exactly by the toy-world grammar of docs/toy_world.md (white 64x64 canvas, the six flat colours,
   circle / square / triangle with circumradius 8 or 14 px, five positions jittered by at most 0.04, captions
   `a {size} {colour} {shape} {where}`); the held-out (colour, shape) pairs never appear as a generation or editing
   target image.
@@ -733,7 +733,7 @@ def build_ssv2() -> None:
 
 # --------------------------------------------------------------------------------------------- toy world
 
-# DESIGN.md, "The toy world": the grammar and renderer live in vpit.toy.world; the samples use the first phrasing
+# docs/toy_world.md: the grammar and renderer live in vpit.toy.world; the samples use the first phrasing
 # of each question so the shipped records stay stable.
 QUESTIONS: dict[str, tuple[str, Callable[[ToyObject], str]]] = {
     kind: (phrasings[0], answer) for kind, (phrasings, answer) in WORLD_QUESTIONS.items()

@@ -1,4 +1,4 @@
-"""The toy world (DESIGN.md): renderer, data generators, judge, locally pretrained backbones, demo and evaluation.
+"""The toy world (docs/toy_world.md): renderer, data generators, judge, toy backbones, demo and evaluation.
 
 `vpit.toy.world` renders and generates data; `vpit.toy.judge` classifies renders pixel by pixel;
 `vpit.toy.backbones` builds and pretrains the toy CLIP, tokenizer + Llama and VAE; `vpit.toy.evaluate` is

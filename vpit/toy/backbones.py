@@ -1,8 +1,8 @@
 """Locally pretrained toy backbones: a CLIP, a tokenizer + Llama and a VAE, saved as the folders real models come in.
 
-No machine of this project can download weights, so the toy world (DESIGN.md) pretrains its own tiny backbones on
-toy renders and toy text, in a few minutes on a CPU, and saves them in the standard layouts; vpit then loads them
-through exactly the code paths a real model takes:
+No machine of this project can download weights, so the toy world (docs/toy_world.md) pretrains its own tiny
+backbones on toy renders and toy text, in a few minutes on a CPU, and saves them in the standard layouts; vpit then
+loads them through exactly the code paths a real model takes:
 
 - `clip/`: an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors), a 64 px ViT
   trained contrastively on renders and their captions with open_clip's own `ClipLoss`;

@@ -269,8 +269,8 @@ def demo_markdown(report: dict[str, Any], evaluation_md: str) -> str:
     lines = [
         "# vpit toy-world demo",
         "",
-        "The whole loop on the toy world (DESIGN.md): locally pretrained toy backbones, the bridge stage, the VPiT",
-        "stage and the diffusion decoder, judged by the toy world's pixel classifier on fresh renders.",
+        "The whole loop on the toy world (docs/toy_world.md): locally pretrained toy backbones, the bridge stage, the",
+        "VPiT stage and the diffusion decoder, judged by the toy world's pixel classifier on fresh renders.",
         "",
         "| step | seconds |",
         "|---|---|",

@@ -2,7 +2,7 @@
 
 `vpit eval toy` scores generated images and reconstructions with it, and the tests score renders with it. Those
 images come out of a small diffusion decoder: a little blurry, colours a little off, faint speckle. The judge is
-built to read them as the grammar of DESIGN.md ("The toy world") means them, at any square resolution:
+built to read them as the toy-world grammar (docs/toy_world.md) means them, at any square resolution:
 
 1. background = the median colour of the image's border (white in a render; measuring it cancels a shift of the
    whole image's colours); "ink" = background minus pixel;

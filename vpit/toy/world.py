@@ -1,6 +1,6 @@
-"""The toy world of DESIGN.md: one flat shape on a white canvas, a fixed grammar, and seeded data generators.
+"""The toy world (docs/toy_world.md): one flat shape on a white canvas, a fixed grammar, and seeded data generators.
 
-Everything here follows "The toy world" in DESIGN.md exactly, so the renderer, the data, the judge and every
+Everything here is the grammar documented in docs/toy_world.md, so the renderer, the data, the judge and every
 test agree:
 
 - a white RGB canvas, 64x64 by default (any size scales every length);

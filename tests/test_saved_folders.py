@@ -1,0 +1,63 @@
+"""Folders saved by an earlier vpit keep loading, through the ecosystem's own entry points, and give the same outputs.
+
+`tests/fixtures/v0/` was written by vpit 0.1 (commit a873890, before the package layout moved; see
+`tests/fixtures/make_v0_fixtures.py`): a model folder, a decoder folder whose model_index.json names vpit's
+component modules, and the outputs they gave then.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import vpit  # registers the "vpit" model type and the decoder pipeline
+from vpit.decoder import VPiTDecoderPipeline, VPiTDecoderProjector, VPiTVisionEncoderModel
+
+V0 = Path(__file__).parent / "fixtures" / "v0"
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(str(V0 / "expected.safetensors"))
+
+
+def test_v0_model_folder_loads_through_auto_classes_and_gives_the_same_outputs(expected):
+    model = AutoModelForCausalLM.from_pretrained(V0 / "model")
+    assert type(model) is vpit.VPiTForCausalLM
+    processor = vpit.VPiTProcessor.from_pretrained(V0 / "model")
+    model.eval()
+    batch = {"input_ids": expected["input_ids"], "pixel_values": expected["pixel_values"]}
+    with torch.no_grad():
+        out = model(**batch, labels=expected["labels"])
+    torch.testing.assert_close(out.logits, expected["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.visual_predictions, expected["visual_predictions"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.loss.reshape(1), expected["loss"], rtol=0, atol=1e-6)
+    # The processor reads the same image into the same pixels.
+    image = Image.new("RGB", (32, 32), (220, 40, 40))
+    torch.testing.assert_close(processor.preprocess_images([image]), expected["pixel_values"], rtol=0, atol=0)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "Generate an image of a small red circle on the left."}],
+        add_generation_prompt=True,
+    )
+    inputs = processor.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(generated.sequences, expected["generated_ids"])
+
+
+def test_v0_decoder_folder_loads_through_diffusion_pipeline_and_gives_the_same_images(expected):
+    decoder = DiffusionPipeline.from_pretrained(V0 / "decoder")
+    assert type(decoder) is VPiTDecoderPipeline
+    assert type(decoder.projector) is VPiTDecoderProjector and type(decoder.vision_encoder) is VPiTVisionEncoderModel
+    decoder.set_progress_bar_config(disable=True)
+    settings = {"num_inference_steps": 4, "guidance_scale": 2.0, "output_type": "pt"}
+    tokens = decoder.encode_image([Image.new("RGB", (32, 32), (220, 40, 40))])
+    torch.testing.assert_close(tokens, expected["visual_tokens"], rtol=0, atol=1e-6)
+    decoded = decoder(visual_tokens=expected["visual_tokens"], generator=torch.Generator().manual_seed(0), **settings)
+    torch.testing.assert_close(decoded.images, expected["decoded"], rtol=0, atol=1e-5)
+    image = Image.new("RGB", (32, 32), (220, 40, 40))
+    reconstructed = decoder(image=[image], generator=torch.Generator().manual_seed(0), **settings)
+    torch.testing.assert_close(reconstructed.images, expected["reconstructed"], rtol=0, atol=1e-5)
