@@ -173,3 +173,24 @@ def test_encoded_batch_trains_the_model(tiny_vpit):
     assert a.visual_predictions.shape == (4, 48)
     assert torch.allclose(a.visual_loss, b.visual_loss, atol=1e-5)
     assert torch.allclose(a.text_loss, b.text_loss, atol=1e-5)
+
+
+def test_a_configured_image_token_replaces_the_data_marker(tiny_llama, tiny_clip):
+    """Data files mark images with LLaVA's `<image>`; a model whose image token is another string still reads them."""
+    import vpit
+
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=4, image_token="<img>")
+    sample = Sample(
+        [
+            {"role": "user", "content": "Generate an image of a red square."},
+            {"role": "assistant", "content": "Here is an image based on your request: <image>"},
+        ],
+        images=[RED],
+    )
+    enc = encode_sample(sample, processor)
+    slots = enc["input_ids"] == model.config.image_token_id
+    assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == "<img>"
+    assert int(slots.sum()) == 4 and torch.equal(enc["visual_target_mask"], slots)
+    out = model(**model_inputs(VPiTCollator(processor.tokenizer.pad_token_id)([enc])))
+    assert out.visual_predictions.shape == (4, 48) and out.visual_loss > 0

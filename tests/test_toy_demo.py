@@ -13,8 +13,9 @@ import torch
 from nbclient import NotebookClient
 
 from vpit.toy import ToyObject, render
-from vpit.toy.evaluate import TARGETS, markdown_report, meets_targets, nearest_composition, normalise_answer
+from vpit.toy.evaluate import TARGETS, markdown_report, meets_targets, nearest_composition
 from vpit.toy.world import compositions
+from vpit.training.evaluation import normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +93,8 @@ def test_quickstart_notebook_runs(demo, monkeypatch):
 
 
 def test_answer_normalisation_and_targets():
-    assert normalise_answer("  Red. ") == "red"
-    assert normalise_answer("a small red circle  on the left.") == "a small red circle on the left"
+    assert normalize_answer("  Red. ") == "red"
+    assert normalize_answer("a small red circle  on the left.") == "a small red circle on the left"
     accuracy = {"size": 1.0, "colour": 1.0, "shape": 1.0, "position": 1.0, "all": 0.92, "n": 150.0}
     report = {
         "model": "m",

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..model.losses import IGNORE_INDEX
 from ..model.processing_vpit import VPiTProcessor, token_id
-from .formats import check_sample
+from .formats import check_sample, with_image_token
 from .records import RecordError, Sample, load_record_image
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -95,7 +95,10 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
     height, width = (size, size) if isinstance(size, int) else size
     pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, height, width)
 
-    messages = [{**m, "content": processor.expand_image_markers(m["content"])[0]} for m in sample.messages]
+    messages = [
+        {**m, "content": processor.expand_image_markers(m["content"])[0]}
+        for m in with_image_token(sample.messages, processor.image_token)
+    ]
     ids, mask = assistant_mask(processor.tokenizer, messages)
     input_ids = torch.tensor(ids, dtype=torch.long)  # (L,)
     in_response = torch.tensor(mask, dtype=torch.bool)  # (L,)

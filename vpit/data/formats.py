@@ -29,6 +29,8 @@ from .records import RecordError, Sample
 
 FORMATS = ("llava", "messages", "caption", "edit", "frames")
 TASKS = ("understanding", "generation", "other_visual")
+# The image marker of the data formats (LLaVA's). It is a fact of the data, not of the model: `with_image_token`
+# writes the model's own `config.image_token` in its place when a sample meets a processor.
 IMAGE_MARKER = "<image>"
 
 ROLE_ALIASES = {
@@ -344,6 +346,13 @@ def check_sample(sample: Sample) -> None:
         )
 
 
+def with_image_token(messages: Sequence[Mapping[str, Any]], image_token: str) -> list[dict[str, Any]]:
+    """The messages with each data marker (`IMAGE_MARKER`) replaced by the model's image token."""
+    if image_token == IMAGE_MARKER:
+        return [dict(m) for m in messages]
+    return [{**m, "content": m["content"].replace(IMAGE_MARKER, image_token)} for m in messages]
+
+
 __all__ = [
     "DEFAULT_FIELDS",
     "FORMATS",
@@ -355,4 +364,5 @@ __all__ = [
     "read_hf_dataset",
     "read_json_file",
     "record_to_sample",
+    "with_image_token",
 ]

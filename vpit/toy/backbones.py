@@ -54,7 +54,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from ..data.formats import GENERATION_RESPONSE, GENERATION_TEMPLATES
+from ..data.formats import GENERATION_RESPONSE, GENERATION_TEMPLATES, IMAGE_MARKER
 from ..model.configuration_vpit import VPiTVisionConfig
 from ..model.processing_vpit import DEFAULT_CHAT_TEMPLATE
 from ..model.vision import VisionEncoder
@@ -334,7 +334,7 @@ def toy_conversation(rng: random.Random) -> list[dict[str, str]]:
         request = rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption)
         return [
             {"role": "user", "content": request},
-            {"role": "assistant", "content": GENERATION_RESPONSE.replace("<image>", "").rstrip()},
+            {"role": "assistant", "content": GENERATION_RESPONSE.replace(IMAGE_MARKER, "").rstrip()},
         ]
     if kind == "editing":
         instruction, after = edit(rng, obj)

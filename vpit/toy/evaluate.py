@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data.formats import GENERATION_TEMPLATES
 from ..inference.pipeline import VPiTPipeline
+from ..training.evaluation import normalize_answer
 from .judge import judge
 from .world import (
     ATTRIBUTES,
@@ -73,10 +74,6 @@ class EvalSettings:
     prototype_renders: int = 4  # renders per composition averaged into its token-space prototype
 
 
-def normalise_answer(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -101,12 +98,12 @@ def evaluate_understanding(pipe: VPiTPipeline, settings: EvalSettings, progress:
     bar = tqdm(total=len(items), desc="eval: understanding", disable=not progress)
     for batch in _batches(items, settings.batch_size):
         outputs = pipe(
-            [f"<image>\n{question}" for _, question, _, _, _ in batch],
+            [f"{pipe.processor.image_token}\n{question}" for _, question, _, _, _ in batch],
             images=[image for _, _, _, image, _ in batch],
             max_new_tokens=24,
         )
         for (kind, question, expected, _, obj), output in zip(batch, outputs, strict=True):
-            ok = normalise_answer(output.text) == normalise_answer(expected)
+            ok = normalize_answer(output.text) == normalize_answer(expected)
             right[kind].append(ok)
             if not ok and len(mistakes) < 20:
                 mistakes.append({"image": obj.caption, "question": question, "expected": expected, "got": output.text})

@@ -34,7 +34,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 # The generation instructions are vpit's caption-format defaults (the toy cards use the same list).
-from ..data.formats import GENERATION_TEMPLATES
+from ..data.formats import GENERATION_TEMPLATES, IMAGE_MARKER
 
 Colour = tuple[int, int, int]
 
@@ -191,7 +191,7 @@ def understanding_record(rng: random.Random, obj: ToyObject, image: str, index: 
     for j, kind in enumerate(kinds):
         phrasings, answer = QUESTIONS[kind]
         question = rng.choice(phrasings)
-        messages.append({"role": "user", "content": f"<image>\n{question}" if j == 0 else question})
+        messages.append({"role": "user", "content": f"{IMAGE_MARKER}\n{question}" if j == 0 else question})
         messages.append({"role": "assistant", "content": answer(obj)})
     return {"id": f"toy-und-{index:06d}", "images": [image], "messages": messages, "meta": obj.meta()}
 

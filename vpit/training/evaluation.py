@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.cards import DataCard
+from ..data.formats import with_image_token
 from ..data.records import RecordError, Sample, load_record_image
 from ..inference.generation import generate
 from ..model.images import ImageSource
@@ -78,9 +79,11 @@ def answer_accuracy(
     eos = processor.tokenizer.eos_token_id
     correct = 0
     for sample in samples:
-        prompt = processor.apply_chat_template(sample.messages[:-1], add_generation_prompt=True)
+        messages = with_image_token(sample.messages[:-1], processor.image_token)
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         images: list[ImageSource] = [
-            load_record_image(image, sample.image_root) for image in sample.images[: prompt.count("<image>")]
+            load_record_image(image, sample.image_root)
+            for image in sample.images[: sum(m["content"].count(processor.image_token) for m in messages)]
         ]
         batch = processor([prompt], images=images or None, add_special_tokens=False)
         out = generate(
