@@ -548,7 +548,7 @@ def test_sampling_and_loss_on_cuda_with_a_cpu_generator():
 
 
 def test_toy_components_use_a_given_trained_vae_and_size_the_unet_to_its_latents():
-    from vpit.toy.backbones import toy_vae_config
+    from vpit.toy.decoder import toy_vae_config
 
     vae = AutoencoderKL(**toy_vae_config(64, downsamplings=2))  # 64 px -> 16x16x4, like the trained toy VAE
     parts = toy_decoder_components(vision_hidden_size=DV, num_visual_tokens=4, vae=vae)

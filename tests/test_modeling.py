@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from conftest import GENERATION, TEXT_ONLY, UNDERSTANDING, encode_conversations
 
+import vpit
+
 
 def test_new_token_rows_start_at_the_mean(tiny_vpit, tiny_llama):
     from transformers import AutoModelForCausalLM
@@ -199,3 +201,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_vpit):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("std", [0.02, 0.5])
+def test_bridge_and_head_start_from_initializer_range(tiny_llama, tiny_clip, std):
+    torch.manual_seed(0)
+    model, _ = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=4, initializer_range=std)
+    linears = [
+        m for part in (model.bridge, model.visual_head) for m in part.modules() if isinstance(m, torch.nn.Linear)
+    ]
+    assert len(linears) == 4
+    for layer in linears:
+        assert abs(layer.weight.std().item() - std) < 0.15 * std  # N(0, std), thousands of entries
+        assert not layer.bias.any()

@@ -150,7 +150,7 @@ def test_clip_batch_size_is_validated(tmp_path):
 
 
 def test_vae_config_validates_its_downsamplings():
-    from vpit.toy.backbones import toy_vae_config
+    from vpit.toy.decoder import toy_vae_config
 
     assert len(toy_vae_config(downsamplings=3)["block_out_channels"]) == 4
     with pytest.raises(ValueError, match="downsamplings must be 2"):

@@ -10,7 +10,8 @@ A sample whose mask ends up empty is refused too (`no_labels`): it would train o
 
 Encoded sample (the collator's input):
     input_ids (L,) | labels (L,) = ids on assistant tokens except image slots, -100 elsewhere
-    visual_target_mask (L,) = image slots inside assistant turns | pixel_values (I, 3, S, S)
+    visual_target_mask (L,) = image slots of response images (`vpit.model.modeling_vpit.response_slot_mask`)
+    pixel_values (I, 3, S, S)
     id, source, index: where it came from
 """
 
@@ -23,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..model.losses import IGNORE_INDEX
+from ..model.modeling_vpit import response_slot_mask
 from ..model.processing_vpit import VPiTProcessor, token_id
 from .formats import check_sample, with_image_token
 from .records import RecordError, Sample, load_record_image
@@ -128,10 +130,12 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
     labels = torch.where(in_response & ~slot, input_ids, IGNORE_INDEX)
     if not bool((labels != IGNORE_INDEX).any()):
         raise RecordError("no_labels", f"no assistant token among the {len(input_ids)} tokens kept")
+    start_id = token_id(tokenizer, processor.image_start_token)
+    targets = response_slot_mask(input_ids[None], labels[None], start_id, token_id(tokenizer, processor.image_token))
     return {
         "input_ids": input_ids,
         "labels": labels,
-        "visual_target_mask": slot & in_response,
+        "visual_target_mask": targets[0],
         "pixel_values": pixel_values,
         "id": sample.id,
         "source": sample.source,

@@ -81,6 +81,24 @@ def gathered_for_write(params: list[torch.Tensor]) -> contextlib.AbstractContext
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
+def response_slot_mask(
+    input_ids: torch.Tensor, labels: torch.Tensor, image_start_token_id: int, image_token_id: int
+) -> torch.Tensor:
+    """(B, T) bool: the image slots whose image belongs to a response, i.e. whose `<image_start>` is labelled.
+
+    The one rule for which images are targets: prompt images have their boundary tokens masked (-100), response
+    images keep them as CE targets. The data pipeline and the model both ask here.
+    """
+    batch, length = input_ids.shape
+    is_start = input_ids == image_start_token_id
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    # Position of the latest <image_start> at or before each t (-1 if none): a running max.
+    last_start = torch.where(is_start, positions, -1).cummax(dim=1).values  # (B, T)
+    start_labelled = is_start & (labels != IGNORE_INDEX)
+    in_response = start_labelled.gather(1, last_start.clamp(min=0)) & (last_start >= 0)
+    return (input_ids == image_token_id) & in_response
+
+
 class VPiTPreTrainedModel(PreTrainedModel):
     config: VPiTConfig
     config_class = VPiTConfig
@@ -95,12 +113,14 @@ class VPiTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # The LLM (a PreTrainedModel) and an HF vision tower are initialised by their own `_init_weights`; an
-        # open_clip tower initialises itself when built. Only the bridge and visual head are ours to initialise.
-        if module is getattr(self, "bridge", None) or module is getattr(self, "visual_head", None):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    init.normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
-                    init.zeros_(layer.bias)
+        # open_clip tower initialises itself when built. Only the Linear layers of the bridge and visual head are ours:
+        # N(0, initializer_range) weights and zero biases, as transformers initialises its own projectors.
+        adapters = [getattr(self, "bridge", None), getattr(self, "visual_head", None)]
+        ours = {id(m) for part in adapters if part is not None for m in part.modules()}
+        if isinstance(module, nn.Linear) and id(module) in ours:
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
 
 class VPiTForCausalLM(VPiTPreTrainedModel):
@@ -137,6 +157,10 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         self.bridge = build_bridge(config.bridge, vision, hidden)
         self.visual_head = build_visual_head(config.visual_head, hidden, vision)
         self.post_init()
+        # transformers 5 initialises weights in `from_pretrained` (for missing keys) or `init_weights()`, not in
+        # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
+        for part in (self.bridge, self.visual_head):
+            part.apply(self._init_weights)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> VPiTForCausalLM:
@@ -253,19 +277,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         return inputs_embeds, visual_tokens
 
     def response_slot_mask(self, input_ids: torch.LongTensor, labels: torch.LongTensor) -> torch.Tensor:
-        """(B, T) bool: the image slots whose image belongs to a response, i.e. whose `<image_start>` is labelled.
-
-        Prompt images have their boundary tokens masked (-100); response images keep them as CE targets.
-        """
+        """(B, T) bool: the image slots whose image belongs to a response (see `response_slot_mask`)."""
         start_id, _, slot_id = self.image_token_ids()
-        batch, length = input_ids.shape
-        is_start = input_ids == start_id
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        # Position of the latest <image_start> at or before each t (-1 if none): a running max.
-        last_start = torch.where(is_start, positions, -1).cummax(dim=1).values  # (B, T)
-        start_labelled = is_start & (labels != IGNORE_INDEX)
-        in_response = start_labelled.gather(1, last_start.clamp(min=0)) & (last_start >= 0)
-        return (input_ids == slot_id) & in_response
+        return response_slot_mask(input_ids, labels, start_id, slot_id)
 
     def predict_visual(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(.., H) -> (.., Dv): the visual head, normalised when the targets are."""
@@ -389,4 +403,4 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             tokenizer.save_pretrained(save_directory)
 
 
-__all__ = ["VPiTCausalLMOutput", "VPiTForCausalLM", "VPiTPreTrainedModel"]
+__all__ = ["VPiTCausalLMOutput", "VPiTForCausalLM", "VPiTPreTrainedModel", "response_slot_mask"]

@@ -58,9 +58,11 @@ from ..data.formats import GENERATION_RESPONSE, GENERATION_TEMPLATES, IMAGE_MARK
 from ..model.configuration_vpit import VPiTVisionConfig
 from ..model.processing_vpit import DEFAULT_CHAT_TEMPLATE
 from ..model.vision import VisionEncoder
+from .decoder import toy_vae_config
 from .tiny import train_bpe_tokenizer
 from .world import (
     ATTRIBUTES,
+    CANVAS,
     COLOURS,
     POSITIONS,
     QUESTION_KINDS,
@@ -473,32 +475,6 @@ def pretrain_toy_llama(
 # ------------------------------------------------------------------------------------------------------ VAE
 
 
-def toy_vae_config(image_size: int = 64, downsamplings: int = 2) -> dict[str, Any]:
-    """`AutoencoderKL` kwargs: (B, 3, S, S) renders <-> (B, 4, S / 2^d, S / 2^d) latents.
-
-    downsamplings 2: 64x64 -> 16x16x4, blocks of 16, 32, 32 channels, 0.23 M parameters (the default: see
-        `pretrain_toy_vae` for why);
-    downsamplings 3: 64x64 -> 8x8x4, blocks of 16, 32, 32, 32 channels, 0.31 M parameters.
-    No attention in the mid block: a flat object on a white canvas needs no global mixing, and without it the
-    autoencoder merged colours less often in short runs.
-    """
-    if downsamplings not in (2, 3):
-        raise ValueError(f"downsamplings must be 2 (16x16 latents at 64 px) or 3 (8x8), got {downsamplings}")
-    blocks = downsamplings + 1
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * blocks,
-        "block_out_channels": [16, 32, 32, 32][:blocks],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": image_size,
-        "mid_block_add_attention": False,
-    }
-
-
 def object_weights(x: torch.Tensor, weight: float = 9.0, margin: int = 2) -> torch.Tensor:
     """(B, 3, S, S) renders in [-1, 1] -> (B, 1, S, S) loss weights: 1 + `weight` on the object and `margin` px
     around it. The object covers 2-15% of a render: unweighted, the white background dominates the loss and the
@@ -691,7 +667,7 @@ def build_toy_backbones(
         "configs": {
             "clip": toy_clip_config(),
             "llm": language["llm_config"],
-            "vae": toy_vae_config(downsamplings=vae_downsamplings),
+            "vae": toy_vae_config(CANVAS, downsamplings=vae_downsamplings),
             "tokenizer": {"vocab_size": language["vocab_size"], "chat_template": DEFAULT_CHAT_TEMPLATE},
         },
     }
@@ -728,7 +704,6 @@ __all__ = [
     "probe_toy_clip",
     "toy_clip_config",
     "toy_llama_config",
-    "toy_vae_config",
     "train_toy_tokenizer",
 ]
 

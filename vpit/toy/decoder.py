@@ -26,18 +26,29 @@ TOY_IMAGE_SIZE = 32
 TOY_LATENT_CHANNELS = 4
 
 
-def toy_vae_config(image_size: int = TOY_IMAGE_SIZE) -> dict[str, Any]:
-    """`AutoencoderKL` kwargs: (B, 3, 32, 32) images <-> (B, 4, 8, 8) latents, ~0.24 M parameters."""
+def toy_vae_config(image_size: int = TOY_IMAGE_SIZE, downsamplings: int = 2) -> dict[str, Any]:
+    """`AutoencoderKL` kwargs: (B, 3, S, S) renders <-> (B, 4, S / 2^d, S / 2^d) latents.
+
+    downsamplings 2: blocks of 16, 32, 32 channels, 0.23 M parameters; 64x64 -> 16x16x4 (the toy world's VAE, see
+        `vpit.toy.backbones.pretrain_toy_vae` for why), 32x32 -> 8x8x4 (the random VAE of `toy_decoder_components`);
+    downsamplings 3: 64x64 -> 8x8x4, blocks of 16, 32, 32, 32 channels, 0.31 M parameters.
+    No attention in the mid block: a flat object on a white canvas needs no global mixing, and without it the
+    autoencoder merged colours less often in short runs.
+    """
+    if downsamplings not in (2, 3):
+        raise ValueError(f"downsamplings must be 2 (16x16 latents at 64 px) or 3 (8x8), got {downsamplings}")
+    blocks = downsamplings + 1
     return {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [16, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "block_out_channels": [16, 32, 32, 32][:blocks],
         "layers_per_block": 1,
-        "latent_channels": TOY_LATENT_CHANNELS,
+        "latent_channels": 4,
         "norm_num_groups": 8,
         "sample_size": image_size,
+        "mid_block_add_attention": False,
     }
 
 
