@@ -74,7 +74,7 @@ def main(out: Path, llm: str, clip: str, steps: int, cards: list[str]) -> None:
     model, processor = build_model(recipe)
     optimizer = build_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loader, _ = build_batches(
+    loader = build_batches(
         recipe.data, processor, accelerator.process_index, accelerator.num_processes, Path(recipe.train.output_dir)
     )
     model.train()

@@ -68,7 +68,7 @@ def main(out: Path, llm: str, clip: str, text_card: str, steps: int) -> None:
         partitions = zero_optimizer.fp32_partitioned_groups_flat
     local_optimizer = sum(p.numel() for p in partitions)
 
-    loader, _ = build_batches(
+    loader = build_batches(
         recipe.data, processor, accelerator.process_index, accelerator.num_processes, Path(recipe.train.output_dir)
     )
     seen = []

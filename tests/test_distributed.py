@@ -86,7 +86,7 @@ def _reference_losses(tiny_llama, tiny_clip, text_card, tmp_path):
     model, processor = build_model(recipe)
     optimizer, scheduler = build_optimizer(model, recipe), None
     scheduler = build_scheduler(optimizer, recipe)
-    streams = [iter(build_batches(recipe.data, processor, rank, 2, tmp_path / "ref")[0]) for rank in (0, 1)]
+    streams = [iter(build_batches(recipe.data, processor, rank, 2, tmp_path / "ref")) for rank in (0, 1)]
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
     model.train()

@@ -61,3 +61,43 @@ def test_v0_decoder_folder_loads_through_diffusion_pipeline_and_gives_the_same_i
     image = Image.new("RGB", (32, 32), (220, 40, 40))
     reconstructed = decoder(image=[image], generator=torch.Generator().manual_seed(0), **settings)
     torch.testing.assert_close(reconstructed.images, expected["reconstructed"], rtol=0, atol=1e-5)
+
+
+def test_k_and_the_image_tokens_have_one_home_the_model_config(tmp_path):
+    """Every other holder of K is checked against the model's config at load, with an error naming both values."""
+    import json
+    import shutil
+
+    from vpit.training.components import build_model
+    from vpit.training.config import recipe_from_dict
+
+    folder = tmp_path / "model"
+    shutil.copytree(V0 / "model", folder)
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").write_text(json.dumps({**processor_config, "num_visual_tokens": 9}))
+    with pytest.raises(ValueError, match=r"num_visual_tokens: processor 9, model config 4"):
+        vpit.VPiTProcessor.from_pretrained(folder)
+
+    model = AutoModelForCausalLM.from_pretrained(V0 / "model")
+    processor = vpit.VPiTProcessor.from_pretrained(V0 / "model")
+    processor.image_token = "<img>"
+    with pytest.raises(ValueError, match=r"image_token: processor '<img>', model config '<image>'"):
+        vpit.VPiTPipeline(model, processor)
+
+    def recipe(**model_keys):
+        data = {"mixture": [{"card": "x.yaml"}]}
+        return recipe_from_dict(
+            {"stage": "vpit", "model": {"pretrained": str(V0 / "model"), **model_keys}, "data": data}
+        )
+
+    with pytest.raises(ValueError, match=r"model.num_visual_tokens is 16 but .* was saved with num_visual_tokens=4"):
+        build_model(recipe(num_visual_tokens=16))
+    with pytest.raises(ValueError, match=r"model.bridge is 'linear' but .* was saved with bridge='mlp2x_gelu'"):
+        build_model(recipe(bridge="linear"))
+    built, _ = build_model(recipe(num_visual_tokens=4, visual_loss_weight=0.5))  # agreeing keys are fine
+    assert built.config.visual_loss_weight == 0.5  # a loss weight is the stage's to set
+
+    decoder = DiffusionPipeline.from_pretrained(V0 / "decoder")
+    decoder.vision_encoder.encoder.num_visual_tokens = 9
+    with pytest.raises(ValueError, match=r"the vision encoder emits K = 9 .* projector.num_visual_tokens is 4"):
+        VPiTDecoderPipeline(**decoder.components)

@@ -92,6 +92,12 @@ class VPiTDecoderPipeline(DiffusionPipeline):
                 f"the vision encoder emits Dv = {vision_encoder.hidden_size} but projector.vision_hidden_size is "
                 f"{projector.config['vision_hidden_size']}"
             )
+        k = vision_encoder.encoder.num_visual_tokens if vision_encoder is not None else None
+        if k is not None and k != projector.config["num_visual_tokens"]:
+            raise ValueError(
+                f"the vision encoder emits K = {k} visual tokens but projector.num_visual_tokens is "
+                f"{projector.config['num_visual_tokens']}"
+            )
         self.register_modules(
             unet=unet, scheduler=scheduler, projector=projector, vae=vae, vision_encoder=vision_encoder
         )

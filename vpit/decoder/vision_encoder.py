@@ -72,7 +72,7 @@ class VPiTVisionEncoderModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
     def from_spec(
         cls,
         vision_config: VPiTVisionConfig,
-        num_visual_tokens: int,
+        num_visual_tokens: int = 64,
         pooling: str = "bilinear",
         normalize: bool = True,
         trust_remote_code: bool = False,

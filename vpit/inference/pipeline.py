@@ -146,6 +146,7 @@ class VPiTPipeline:
     def __init__(
         self, model: VPiTForCausalLM, processor: VPiTProcessor, decoder: VPiTDecoderPipeline | None = None
     ) -> None:
+        processor.check_config(model.config)
         if decoder is not None:
             projector = decoder.projector.config
             expected = (model.config.num_visual_tokens, model.vision_tower.hidden_size)

@@ -101,6 +101,23 @@ class VPiTProcessor:
             config.image_token,
         )
 
+    def check_config(self, config: VPiTConfig) -> None:
+        """The model config is the one home of K and the image token strings; a processor holds copies of them.
+
+        Raises:
+            ValueError: naming both values, when a copy differs (e.g. a processor saved for another model).
+        """
+        ours = (self.num_visual_tokens, self.image_start_token, self.image_end_token, self.image_token)
+        theirs = (config.num_visual_tokens, config.image_start_token, config.image_end_token, config.image_token)
+        names = ("num_visual_tokens", "image_start_token", "image_end_token", "image_token")
+        wrong = [
+            f"{n}: processor {a!r}, model config {b!r}" for n, a, b in zip(names, ours, theirs, strict=True) if a != b
+        ]
+        if wrong:
+            raise ValueError(
+                f"the processor does not match the model config ({'; '.join(wrong)}); load both from the same folder"
+            )
+
     # ------------------------------------------------------------------------------------------- text
 
     @property
@@ -221,7 +238,11 @@ class VPiTProcessor:
         config = json.loads(config_file.read_text())
         config.pop("processor_class", None)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
-        return cls(tokenizer, **config)
+        processor = cls(tokenizer, **config)
+        model_config = config_file.with_name("config.json")
+        if model_config.is_file():  # a VPiT model folder: the model's config is the one home of K and the tokens
+            processor.check_config(VPiTConfig.from_pretrained(model_config.parent))
+        return processor
 
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "VPiTProcessor"]

@@ -20,7 +20,7 @@ from ..model.assembly import assemble
 from ..model.lora import apply_lora
 from ..model.modeling_vpit import VPiTForCausalLM, full_shape
 from ..model.processing_vpit import VPiTProcessor
-from .config import DataSection, InstructionRecipe, Recipe
+from .config import DataSection, InstructionRecipe, Recipe, check_against_config
 
 
 def build_accelerator(recipe: Recipe) -> Accelerator:
@@ -69,6 +69,11 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             trust_remote_code=spec.trust_remote_code,
         )
         processor = VPiTProcessor.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
+        check_against_config(
+            spec, model.config, ("num_visual_tokens", "pooling", "bridge", "visual_head"), spec.pretrained
+        )
+        if spec.visual_loss_weight is not None:  # a loss weight, not architecture: the recipe sets it for its stage
+            model.config.visual_loss_weight = spec.visual_loss_weight
     else:
         assert spec.llm is not None  # ModelSection validation guarantees one of the two
         model, processor = assemble(
@@ -80,11 +85,11 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             dtype=spec.dtype,
             attn_implementation=spec.attn_implementation,
             trust_remote_code=spec.trust_remote_code,
-            num_visual_tokens=spec.num_visual_tokens,
-            pooling=spec.pooling,
-            bridge=spec.bridge,
-            visual_head=spec.visual_head,
-            visual_loss_weight=spec.visual_loss_weight,
+            **{
+                key: getattr(spec, key)
+                for key in ("num_visual_tokens", "pooling", "bridge", "visual_head", "visual_loss_weight")
+                if getattr(spec, key) is not None  # unset: VPiTConfig's default
+            },
         )
     if recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -172,7 +177,7 @@ def build_batches(
     run_dir: Path,
     start_batch: int = 0,
     base: Path | None = None,
-) -> tuple[DataLoader, VPiTDataset]:
+) -> DataLoader:
     """This rank's DataLoader of collated batches from the recipe's mixture (see `VPiTBatches`)."""
     entries = parse_mixture(data.mixture)
     cards = [entry.load(base) for entry in entries]
@@ -197,7 +202,7 @@ def build_batches(
     )
     batches = VPiTBatches(dataset, data.batch_size, collate, start_batch=start_batch)
     loader = DataLoader(batches, batch_size=None, num_workers=data.num_workers, persistent_workers=False)
-    return loader, dataset
+    return loader
 
 
 def _concat_images(samples: list[dict[str, Any]]) -> dict[str, Any]:

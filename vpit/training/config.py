@@ -46,11 +46,26 @@ class ModelSection:
     feature_layer: int = field(
         default=-1, metadata=_help("encoder block giving the patch tokens (-1: last, before the final norm)")
     )
-    num_visual_tokens: int = field(default=64, metadata=_help("K, visual tokens per image (a square)"))
-    pooling: str = field(default="bilinear", metadata=_help("'bilinear' or 'avg'"))
-    bridge: str = field(default="mlp2x_gelu", metadata=_help("'linear' or 'mlpNx_gelu'"))
-    visual_head: str = field(default="mlp", metadata=_help("'linear' or 'mlp'"))
-    visual_loss_weight: float = field(default=1.0, metadata=_help("lambda of the cosine loss"))
+    num_visual_tokens: int | None = field(
+        default=None,
+        metadata=_help(
+            "K, visual tokens per image (a square; 64 when assembling). With `pretrained`, the folder's config holds "
+            "K: a value given here must equal it"
+        ),
+    )
+    pooling: str | None = field(
+        default=None, metadata=_help("'bilinear' (default) or 'avg'; with `pretrained`, must equal the folder's")
+    )
+    bridge: str | None = field(
+        default=None,
+        metadata=_help("'linear' or 'mlpNx_gelu' (mlp2x_gelu); with `pretrained`, must equal the folder's"),
+    )
+    visual_head: str | None = field(
+        default=None, metadata=_help("'linear' or 'mlp' (default); with `pretrained`, must equal the folder's")
+    )
+    visual_loss_weight: float | None = field(
+        default=None, metadata=_help("lambda of the cosine loss (1.0); with `pretrained`, replaces the folder's")
+    )
     dtype: str | None = field(
         default=None,
         metadata=_help("weights dtype: float32 / bfloat16 / float16 (mixed precision is train.mixed_precision)"),
@@ -78,8 +93,13 @@ class EncoderSection:
     feature_layer: int = field(
         default=-1, metadata=_help("encoder block giving the patch tokens (-1: last, before the final norm)")
     )
-    num_visual_tokens: int = field(default=64, metadata=_help("K, visual tokens per image (a square)"))
-    pooling: str = field(default="bilinear", metadata=_help("'bilinear' or 'avg'"))
+    num_visual_tokens: int | None = field(
+        default=None,
+        metadata=_help("K (64 by default); with `pretrained`, the folder's config holds K: a value here must equal it"),
+    )
+    pooling: str | None = field(
+        default=None, metadata=_help("'bilinear' (default) or 'avg'; with `pretrained`, must equal the folder's")
+    )
     trust_remote_code: bool = field(
         default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
     )
@@ -350,6 +370,22 @@ class DecoderRecipe(Recipe):
 RECIPES: dict[str, type[Recipe]] = {"bridge": InstructionRecipe, "vpit": InstructionRecipe, "decoder": DecoderRecipe}
 
 
+def check_against_config(section: Any, config: Any, keys: tuple[str, ...], where: str) -> None:
+    """The saved folder's config is the one home of its architecture: a recipe key given next to `pretrained` must
+    agree with it, never silently lose to it.
+
+    Raises:
+        ValueError: naming the key, the recipe's value and the folder's.
+    """
+    for key in keys:
+        given = getattr(section, key)
+        if given is not None and given != getattr(config, key):
+            raise ValueError(
+                f"model.{key} is {given!r} but {where} was saved with {key}={getattr(config, key)!r}; drop the key "
+                "(the folder defines it) or start from a folder that has it"
+            )
+
+
 T = TypeVar("T")
 
 
@@ -439,6 +475,7 @@ __all__ = [
     "InstructionRecipe",
     "Recipe",
     "apply_overrides",
+    "check_against_config",
     "load_recipe",
     "recipe_from_dict",
 ]

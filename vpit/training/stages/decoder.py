@@ -28,7 +28,7 @@ from ...hub import push_folder, write_model_card
 from ...toy.decoder import toy_decoder_components
 from ..checkpoint import resume
 from ..components import build_accelerator, build_image_batches, build_scheduler
-from ..config import DecoderRecipe
+from ..config import DecoderRecipe, check_against_config
 from ..diffusion import create_decoder_ema, decoder_loss, validation_reconstructions
 from ..evaluation import held_out_samples
 from ..loop import plot_loss_curve, train_loop
@@ -75,9 +75,9 @@ def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
     if spec.pretrained is not None:
         from ...model.modeling_vpit import VPiTForCausalLM
 
-        encoder = VPiTVisionEncoderModel.from_vision_encoder(
-            VPiTForCausalLM.from_pretrained(spec.pretrained).vision_tower
-        )
+        vpit_model = VPiTForCausalLM.from_pretrained(spec.pretrained)
+        check_against_config(spec, vpit_model.config, ("num_visual_tokens", "pooling"), spec.pretrained)
+        encoder = VPiTVisionEncoderModel.from_vision_encoder(vpit_model.vision_tower)
     else:
         from ...model.configuration_vpit import VPiTVisionConfig
 
@@ -87,7 +87,8 @@ def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
             pretrained=spec.vision_pretrained,
             feature_layer=spec.feature_layer,
         )
-        encoder = VPiTVisionEncoderModel.from_spec(vision, spec.num_visual_tokens, pooling=spec.pooling)
+        given = {"num_visual_tokens": spec.num_visual_tokens, "pooling": spec.pooling}
+        encoder = VPiTVisionEncoderModel.from_spec(vision, **{k: v for k, v in given.items() if v is not None})
     init = settings.init
     if init == "toy":
         parts = toy_decoder_components(

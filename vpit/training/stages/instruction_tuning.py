@@ -64,7 +64,7 @@ def run(recipe: InstructionRecipe) -> Path:
 
     # Data: each process reads its own shard of the mixture; batches continue where the checkpoint stopped.
     rank, world = accelerator.process_index, accelerator.num_processes
-    loader, _ = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch)
+    loader = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch)
     evaluate = None
     if recipe.data.eval_mixture and recipe.train.eval_every:
         evaluate = _evaluator(accelerator, model, processor, recipe, run_dir)
@@ -134,7 +134,7 @@ def _evaluator(
     `train.eval_decoder` names a decoder."""
     rank, world = accelerator.process_index, accelerator.num_processes
     per_rank = max(1, recipe.train.eval_samples // world)
-    eval_loader, _ = build_batches(_eval_section(recipe), processor, rank, world, run_dir / "eval")
+    eval_loader = build_batches(_eval_section(recipe), processor, rank, world, run_dir / "eval")
     eval_batches = iter(eval_loader)
     num_batches = max(1, per_rank // recipe.data.batch_size)
     cards = [entry.load() for entry in parse_mixture(recipe.data.eval_mixture)]
