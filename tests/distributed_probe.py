@@ -1,6 +1,7 @@
 """Run under `accelerate launch --num_processes 2` with a DeepSpeed config: trains the VPiT recipe components for
-N steps on a mixture where each rank often holds a text-only batch while the other holds images, then writes
-what each rank saw to OUT/rank{i}.json and the final model to OUT/run/final.
+N steps (warm-up + cosine, 2 micro-batches per step, as users train) on a mixture where each rank often holds a
+text-only batch while the other holds images, then writes what each rank saw to OUT/rank{i}.json and the final
+model to OUT/run/final.
 
     accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml --num_processes 2 \\
         tests/distributed_probe.py OUT LLM CLIP TEXT_CARD STEPS
@@ -27,6 +28,17 @@ TOY_GENERATION_SAMPLE = {
 }
 
 
+# What users run: warm-up then cosine decay, gradient accumulation, clipping.
+OPTIM = {
+    "lr": 1e-3,
+    "warmup_steps": 4,
+    "schedule": "cosine",
+    "max_grad_norm": 1.0,
+    "gradient_accumulation_steps": 2,
+    "weight_decay": 0.01,
+}
+
+
 def main(out: Path, llm: str, clip: str, text_card: str, steps: int) -> None:
     recipe = recipe_from_dict(
         {
@@ -41,7 +53,7 @@ def main(out: Path, llm: str, clip: str, text_card: str, steps: int) -> None:
                 "num_workers": 0,
                 "max_length": 128,
             },
-            "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
+            "optim": OPTIM,
             "train": {"output_dir": str(out / "run"), "max_steps": steps, "log_every": 1, "checkpoint_every": 0},
             "tracking": {"report_to": []},
         }

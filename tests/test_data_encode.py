@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from vpit.data.collator import VPiTCollator, model_inputs
-from vpit.data.encode import assistant_mask, encode_sample
+from vpit.data.encode import encode_sample
 from vpit.data.records import RecordError, Sample
-from vpit.model.processing_vpit import DEFAULT_CHAT_TEMPLATE
+from vpit.model.processing_vpit import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, assistant_mask
 
 RED = Image.new("RGB", (32, 32), (220, 40, 40))
 BLUE = Image.new("RGB", (32, 32), (40, 80, 220))
@@ -106,8 +106,12 @@ def test_non_prefix_stable_template_is_refused(tiny_vpit):
         "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     )
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]
-    with pytest.raises(RecordError, match="tokenization: the chat template is not prefix-stable at turn 1"):
+    with pytest.raises(ChatTemplateError, match="the chat template is not prefix-stable at turn 1"):
         assistant_mask(tokenizer, messages)
+    refused = copy.copy(processor)
+    refused.tokenizer = tokenizer
+    with pytest.raises(RecordError, match="tokenization: the chat template is not prefix-stable at turn 1"):
+        encode_sample(Sample(messages), refused)
 
 
 def test_token_straddling_a_turn_boundary_is_refused(tiny_vpit):
@@ -115,8 +119,13 @@ def test_token_straddling_a_turn_boundary_is_refused(tiny_vpit):
     tokenizer = copy.deepcopy(processor.tokenizer)
     tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }} cir{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     assert tokenizer.tokenize(" circle") == ["Ġcircle"]  # one token across "cir|cle"
-    with pytest.raises(RecordError, match="a token spans the boundary of an assistant turn"):
-        assistant_mask(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "cle"}])
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "cle"}]
+    with pytest.raises(ChatTemplateError, match="a token spans the boundary of an assistant turn"):
+        assistant_mask(tokenizer, messages)
+    refused = copy.copy(processor)
+    refused.tokenizer = tokenizer
+    with pytest.raises(RecordError, match="tokenization: a token spans the boundary of an assistant turn"):
+        encode_sample(Sample(messages), refused)
 
 
 def test_truncation_cuts_text_never_an_image(tiny_vpit):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from distributed_probe import TOY_GENERATION_SAMPLE
+from distributed_probe import OPTIM, TOY_GENERATION_SAMPLE
+from training_helpers import merge_batches
 
 from vpit import VPiTForCausalLM
-from vpit.data.collator import model_inputs
 from vpit.training.components import build_batches, build_model, build_optimizer, build_scheduler
 from vpit.training.config import recipe_from_dict
 
@@ -65,8 +65,10 @@ def _launch(stage, out, tiny_llama, tiny_clip, text_card):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def _reference_losses(tiny_llama, tiny_clip, text_card, tmp_path):
-    """The same model, data and optimizer in one process: the two ranks' batches, gradients averaged."""
+def _reference(tiny_llama, tiny_clip, text_card, tmp_path):
+    """One process, the true global batch: every step's 2 ranks x 2 micro-batches merged into one batch, its loss
+    averaged over the batch's own labelled tokens and visual targets (no per-rank or per-micro-batch averages).
+    Returns the losses of the first COMPARED_STEPS steps and the learning rate of every step."""
     recipe = recipe_from_dict(
         {
             "stage": "vpit",
@@ -77,28 +79,35 @@ def _reference_losses(tiny_llama, tiny_clip, text_card, tmp_path):
                 "num_workers": 0,
                 "max_length": 128,
             },
-            "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
+            "optim": OPTIM,
             "train": {"output_dir": str(tmp_path / "ref"), "max_steps": STEPS},
             "tracking": {"report_to": []},
         }
     )
     set_seed(recipe.train.seed)
     model, processor = build_model(recipe)
-    optimizer, scheduler = build_optimizer(model, recipe), None
+    optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
     streams = [iter(build_batches(recipe.data, processor, rank, 2, tmp_path / "ref")) for rank in (0, 1)]
     params = [p for p in model.parameters() if p.requires_grad]
-    losses = []
+    accumulation = OPTIM["gradient_accumulation_steps"]
+    losses, lrs, uneven = [], [], 0
     model.train()
-    for _ in range(COMPARED_STEPS):
-        loss = sum(model(**model_inputs(next(s))).loss for s in streams) / 2
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    for step in range(STEPS):
+        lrs.append(scheduler.get_last_lr()[0])
+        if step < COMPARED_STEPS:
+            micro = [next(s) for s in streams for _ in range(accumulation)]  # rank 0's, then rank 1's
+            counts = {(int((b["labels"] != -100).sum()), int(b["visual_target_mask"].sum())) for b in micro}
+            uneven += len(counts) > 1
+            loss = model(**merge_batches(micro, processor.tokenizer.pad_token_id)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, OPTIM["max_grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
         scheduler.step()
-        optimizer.zero_grad()
-        losses.append(float(loss))
-    return losses
+    assert uneven == COMPARED_STEPS  # every compared step splits unevenly: the weighting matters
+    return losses, lrs
 
 
 @pytest.mark.multiprocess
@@ -116,17 +125,24 @@ def test_zero_two_ranks(stage, tiny_llama, tiny_clip, text_card, tmp_path):
         else:
             assert rank["local_params"] == rank["trainable_params"]
     # Different samples on each rank, together exactly the single-process stream positions.
+    accumulation = OPTIM["gradient_accumulation_steps"]
     positions = [{p for step in rank["seen"] for p in step["positions"]} for rank in ranks]
     assert not positions[0] & positions[1]
-    assert positions[0] | positions[1] == set(range(2 * STEPS))
+    assert positions[0] | positions[1] == set(range(2 * accumulation * STEPS))
     # 100 steps, many of them with a text-only batch on one rank and images on the other: no hang.
-    assert len(r0["seen"]) == len(r1["seen"]) == STEPS
+    assert len(r0["seen"]) == len(r1["seen"]) == accumulation * STEPS
     mixed = sum((a["images"] == 0) != (b["images"] == 0) for a, b in zip(r0["seen"], r1["seen"], strict=True))
     assert mixed >= 20
-    # The loss matches one process on the same global batch.
-    reference = _reference_losses(tiny_llama, tiny_clip, text_card, tmp_path)
-    logged = [h["loss"] for h in r0["history"][:COMPARED_STEPS]]
-    assert logged == pytest.approx(reference, abs=TOLERANCE)
+    # The loss matches one process on the true global batch (2 ranks x 2 micro-batches, uneven token and target
+    # counts), step after step: the gradients match too, or the later losses would drift apart.
+    reference, lrs = _reference(tiny_llama, tiny_clip, text_card, tmp_path)
+    for rank in ranks:
+        logged = [h["loss"] for h in rank["history"][:COMPARED_STEPS]]
+        assert logged == pytest.approx(reference, abs=TOLERANCE)
+    # The learning rate at optimizer step s is one process's: warm-up ends at step 4, the cosine reaches 0 at the end.
+    logged_lrs = [h["lr"] for h in r0["history"]]
+    assert logged_lrs == pytest.approx([*lrs[1:], 0.0], abs=1e-12)  # logged after the step's scheduler step
+    assert max(logged_lrs) == pytest.approx(OPTIM["lr"]) and logged_lrs.index(max(logged_lrs)) == 3
     # The gathered final model is a plain folder (no DeepSpeed shards) that loads without DeepSpeed.
     final = tmp_path / "out" / "run" / "final"
     names = {p.name for p in final.iterdir()}

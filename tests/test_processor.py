@@ -82,3 +82,38 @@ def test_tokenizer_without_image_tokens_is_rejected(tiny_llama):
 
     with pytest.raises(ValueError, match="tokenizer lacks the image tokens"):
         VPiTProcessor(AutoTokenizer.from_pretrained(tiny_llama), {"size": 32}, 4)
+
+
+def test_chat_template_path_tokenises_once_with_assistant_only_labels(tiny_vpit):
+    """One BOS (the template writes it; nothing adds it again), labels on the reply only, and the same encoding as
+    the data pipeline gives the same sample."""
+    from vpit.data.encode import encode_sample
+    from vpit.data.records import Sample
+
+    model, processor = tiny_vpit
+    red = Image.new("RGB", (32, 32), (220, 40, 40))
+    messages = [
+        {"role": "user", "content": "Generate an image of a red square."},
+        {"role": "assistant", "content": "Here is an image based on your request: <image>"},
+    ]
+    batch = processor.apply_chat_template(messages, images=[red], tokenize=True)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert int((ids == processor.tokenizer.bos_token_id).sum()) == 1 and ids[0] == processor.tokenizer.bos_token_id
+    kept = processor.tokenizer.decode(labels[labels != -100])
+    assert kept == " Here is an image based on your request: <image_start><image_end></s>"
+    reference = encode_sample(Sample(messages, images=[red]), processor)
+    assert torch.equal(ids, reference["input_ids"]) and torch.equal(labels, reference["labels"])
+    assert torch.equal(batch["pixel_values"], reference["pixel_values"])
+    out = model(**batch)
+    assert out.visual_predictions.shape[0] == 4 and out.visual_loss > 0  # the response image is the target
+
+    prompts = processor.apply_chat_template(
+        [[messages[0]], [{"role": "user", "content": "<image> What colour is it?"}]],
+        images=[red],
+        tokenize=True,
+        add_generation_prompt=True,
+    )
+    assert "labels" not in prompts and prompts["pixel_values"].shape[0] == 1
+    assert prompts["attention_mask"][:, -1].all() and not prompts["attention_mask"].all()  # left-padded
+    with pytest.raises(ValueError, match=r"hold 1 image marker\(s\) .* but 0 image\(s\)"):
+        processor.apply_chat_template(messages, tokenize=True)

@@ -10,7 +10,15 @@ import time
 import pytest
 import torch
 from PIL import Image
-from training_helpers import ROOT, history, run_killed_at_publish, run_training, toy_overrides, train_command
+from training_helpers import (
+    ROOT,
+    history,
+    merge_batches,
+    run_killed_at_publish,
+    run_training,
+    toy_overrides,
+    train_command,
+)
 
 from vpit import VPiTForCausalLM
 from vpit.training.checkpoint import checkpoints, find_resume_point
@@ -156,3 +164,53 @@ def test_periodic_evaluation_logs_losses_accuracy_and_image_grids(tiny_llama, ti
         assert row["eval_loss"] > 0
     grid = Image.open(out / "eval" / "step-00000004.png")
     assert grid.size == (4 * 32, 2 * 32)  # 8 generation prompts of the toy card sample, 4 per row
+
+
+def test_accumulated_micro_batches_weigh_like_one_global_batch(tiny_llama, tiny_clip, tmp_path):
+    """One process, 2 micro-batches with different labelled-token and visual-target counts: the accumulated gradient
+    is the gradient of the loss of the merged global batch (SGD with lr 1 makes the update the gradient itself)."""
+    import copy
+
+    from vpit.training.checkpoint import TrainerState
+    from vpit.training.components import build_accelerator, build_batches, build_model
+    from vpit.training.config import recipe_from_dict
+    from vpit.training.loop import train_loop
+
+    recipe = recipe_from_dict(
+        {
+            "stage": "vpit",
+            "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
+            "data": {
+                "mixture": [{"card": "data_cards/toy_understanding.yaml"}, {"card": "data_cards/toy_generation.yaml"}],
+                "use_sample": True,
+                "batch_size": 2,
+                "num_workers": 0,
+            },
+            "optim": {"gradient_accumulation_steps": 2, "max_grad_norm": None, "schedule": "constant"},
+            "train": {"output_dir": str(tmp_path), "max_steps": 1, "log_every": 1, "checkpoint_every": 0},
+            "tracking": {"report_to": []},
+        }
+    )
+    accelerator = build_accelerator(recipe)
+    torch.manual_seed(0)
+    model, processor = build_model(recipe)
+    stream = iter(build_batches(recipe.data, processor, 0, 1, tmp_path / "data"))
+    micro = [next(stream), next(stream)]
+    counts = [(int((b["labels"] != -100).sum()), int(b["visual_target_mask"].sum())) for b in micro]
+    assert counts[0] != counts[1]  # uneven: averaging the two micro-batch losses would weigh them wrongly
+
+    reference = copy.deepcopy(model)
+    global_loss = reference(**merge_batches(micro, processor.tokenizer.pad_token_id)).loss
+    global_loss.backward()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = train_loop(accelerator, model, iter(micro), optimizer, scheduler, recipe, tmp_path, TrainerState())
+
+    assert state.history[0]["loss"] == pytest.approx(float(global_loss), abs=1e-5)
+    reference_params = [p for p in reference.parameters() if p.requires_grad]
+    for start, after, ref in zip(before, params, reference_params, strict=True):
+        torch.testing.assert_close(start - after.detach(), ref.grad, rtol=1e-4, atol=1e-6)

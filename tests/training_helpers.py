@@ -1,4 +1,5 @@
-"""Running `python -m vpit.train` in a subprocess on tiny backbones, as a user would."""
+"""Running `python -m vpit.train` in a subprocess on tiny backbones, as a user would; merging micro-batches into
+the global batch a single process would see."""
 
 from __future__ import annotations
 
@@ -9,7 +10,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def merge_batches(batches: list, pad_id: int) -> dict:
+    """Collated micro-batches -> one right-padded batch holding all their rows (images in row order): the global
+    batch as one process would see it."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+
+    def cat(key, fill):
+        return torch.cat([torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=fill) for b in batches])
+
+    merged = {
+        "input_ids": cat("input_ids", pad_id),
+        "labels": cat("labels", -100),
+        "attention_mask": cat("attention_mask", 0),
+        "visual_target_mask": cat("visual_target_mask", False),
+    }
+    pixels = [b["pixel_values"] for b in batches if "pixel_values" in b]
+    if pixels:
+        merged["pixel_values"] = torch.cat(pixels)
+    return merged
 
 
 def toy_overrides(llm: Path, clip: Path, out: Path, **extra: object) -> list[str]:

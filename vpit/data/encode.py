@@ -1,12 +1,8 @@
 """Tokenise a `Sample` with the tokenizer's own chat template into an encoded sample for the collator.
 
-The response (assistant) mask is computed exactly, or the sample is refused:
-- when the template marks assistant text with `{% generation %}`, transformers' `return_assistant_tokens_mask`
-  gives it directly;
-- otherwise each assistant turn's character span is found by rendering the conversation up to that turn with
-  and without it (the template must be prefix-stable), and tokens are assigned by their offsets; a token that
-  straddles a span boundary makes the mask ambiguous, and the sample is refused (reason `tokenization`).
-A sample whose mask ends up empty is refused too (`no_labels`): it would train on nothing, silently.
+The response (assistant) mask is the processor's (`vpit.model.processing_vpit.assistant_mask`), exact or refused:
+a template whose mask cannot be computed exactly refuses the sample (reason `tokenization`). A sample whose mask
+ends up empty is refused too (`no_labels`): it would train on nothing, silently.
 
 Encoded sample (the collator's input):
     input_ids (L,) | labels (L,) = ids on assistant tokens except image slots, -100 elsewhere
@@ -17,72 +13,15 @@ Encoded sample (the collator's input):
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from ..model.losses import IGNORE_INDEX
 from ..model.modeling_vpit import response_slot_mask
-from ..model.processing_vpit import VPiTProcessor, token_id
+from ..model.processing_vpit import ChatTemplateError, VPiTProcessor, assistant_mask, token_id
 from .formats import check_sample, with_image_token
 from .records import RecordError, Sample, load_record_image
-
-_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def _template(tokenizer: PreTrainedTokenizerBase) -> str:
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # several named templates: the default one
-        template = template.get("default", next(iter(template.values())))
-    if not isinstance(template, str):
-        raise ValueError("the tokenizer has no chat template; VPiTProcessor installs a default one")
-    return template
-
-
-def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it belongs to an assistant turn.
-
-    Raises:
-        RecordError: (tokenization) when the mask cannot be computed exactly.
-    """
-    if _GENERATION_TAG.search(_template(tokenizer)):
-        encoded: Any = tokenizer.apply_chat_template(  # a BatchEncoding here (return_dict=True)
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        return list(encoded["input_ids"]), [bool(m) for m in encoded["assistant_masks"]]
-
-    def render(turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        return str(text)
-
-    full = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(messages[:i], generation_prompt=True)
-        through = render(messages[: i + 1])
-        if not (through.startswith(before) and full.startswith(through)):
-            raise RecordError(
-                "tokenization",
-                f"the chat template is not prefix-stable at turn {i}: rendering the conversation up to that turn "
-                "is not a prefix of the whole; add {% generation %} markers to the template",
-            )
-        spans.append((len(before), len(through)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = []
-    for start, end in encoded["offset_mapping"]:
-        inside = any(s <= start and end <= e for s, e in spans)
-        if not inside and any(start < e and end > s for s, e in spans):
-            raise RecordError(
-                "tokenization",
-                f"a token spans the boundary of an assistant turn (characters {start}-{end}); the response mask "
-                "would be approximate",
-            )
-        mask.append(inside)
-    return list(encoded["input_ids"]), mask
 
 
 def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | None = None) -> dict[str, Any]:
@@ -101,7 +40,10 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
         {**m, "content": processor.expand_image_markers(m["content"])[0]}
         for m in with_image_token(sample.messages, processor.image_token)
     ]
-    ids, mask = assistant_mask(processor.tokenizer, messages)
+    try:
+        ids, mask = assistant_mask(processor.tokenizer, messages)
+    except ChatTemplateError as err:
+        raise RecordError("tokenization", str(err)) from err
     input_ids = torch.tensor(ids, dtype=torch.long)  # (L,)
     in_response = torch.tensor(mask, dtype=torch.bool)  # (L,)
     tokenizer = processor.tokenizer
@@ -143,4 +85,4 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
     }
 
 
-__all__ = ["assistant_mask", "encode_sample"]
+__all__ = ["encode_sample"]

@@ -33,10 +33,31 @@ def text_loss(
     return total / max(int(num_items_in_batch), 1)
 
 
-def cosine_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """mean(1 - cos(pred, target)) over rows; predictions and targets are (M, Dv). M = 0 gives exactly 0."""
+def cosine_loss(
+    predictions: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum(1 - cos(pred, target)) over rows / their count; predictions and targets are (M, Dv). M = 0 gives 0.
+
+    Args:
+        num_items_in_batch: the count to divide by when the batch is part of a larger one (the visual targets of the
+            whole global batch, over processes and micro-batches); defaults to M.
+    """
     cos = F.cosine_similarity(predictions.float(), targets.float(), dim=-1)  # (M,)
-    return (1.0 - cos).sum() / max(cos.shape[0], 1)
+    total = (1.0 - cos).sum()
+    if num_items_in_batch is None:
+        return total / max(cos.shape[0], 1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return total / num_items_in_batch.to(total.device).clamp(min=1)
+    return total / max(int(num_items_in_batch), 1)
 
 
-__all__ = ["IGNORE_INDEX", "cosine_loss", "text_loss"]
+def count_loss_items(labels: torch.Tensor, visual_target_mask: torch.Tensor) -> torch.Tensor:
+    """(2,) long: the labelled tokens the text loss averages over (labels shifted by one, as `text_loss` reads
+    them) and the visual targets the cosine loss averages over (slots after position 0, as the model predicts
+    them), for weighting a global batch by its true counts."""
+    text = (labels[:, 1:] != IGNORE_INDEX).sum()
+    visual = visual_target_mask[:, 1:].sum()
+    return torch.stack([text, visual]).long()
+
+
+__all__ = ["IGNORE_INDEX", "cosine_loss", "count_loss_items", "text_loss"]

@@ -131,8 +131,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
     Example:
         >>> model, processor = vpit.assemble("meta-llama/Llama-3.1-8B-Instruct", "ViT-SO400M-14-SigLIP-384",
         ...                                  vision_pretrained="webli")
-        >>> batch = processor(text=["<image> Describe the image."], images=[img], return_tensors="pt")
-        >>> out = model(**batch, labels=batch["input_ids"])
+        >>> batch = processor.apply_chat_template(
+        ...     [{"role": "user", "content": "<image> Describe the image."},
+        ...      {"role": "assistant", "content": "A red square on white."}],
+        ...     images=[image], tokenize=True)
+        >>> out = model(**batch)
         >>> out.loss, out.text_loss, out.visual_loss
     """
 
@@ -301,6 +304,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         visual_tokens: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        num_visual_items_in_batch: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> VPiTCausalLMOutput:
@@ -313,7 +317,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             visual_target_mask: (B, T) bool, the slots whose encoder token is a target; by default the slots of
                 images whose `<image_start>` is labelled (response images).
             visual_tokens: (I, K, Dv) to splice instead of encoding `pixel_values`.
-            num_items_in_batch: labelled-token count of the whole accumulated batch, for gradient accumulation.
+            num_items_in_batch: labelled-token count of the whole global batch (over processes and accumulated
+                micro-batches); the text loss is then this batch's CE sum over it. Default: this batch's count.
+            num_visual_items_in_batch: the same for the visual targets and the cosine loss.
 
         Returns:
             `VPiTCausalLMOutput` with `loss`, `text_loss`, `visual_loss`, `logits` and the visual predictions.
@@ -362,7 +368,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 targets = predictions.new_zeros(0, predictions.shape[-1])
             else:
                 targets = z.reshape(-1, z.shape[-1])[visual_target_mask[slot_mask]].detach()  # (M, Dv)
-            v_loss = cosine_loss(predictions, targets)
+            v_loss = cosine_loss(predictions, targets, num_visual_items_in_batch)
             loss = t_loss + self.config.visual_loss_weight * v_loss
 
         return VPiTCausalLMOutput(

@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
@@ -34,6 +34,64 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+class ChatTemplateError(ValueError):
+    """A chat template with which the response mask cannot be computed exactly."""
+
+
+def _template(tokenizer: PreTrainedTokenizerBase) -> str:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one
+        template = template.get("default", next(iter(template.values())))
+    if not isinstance(template, str):
+        raise ValueError("the tokenizer has no chat template; VPiTProcessor installs a default one")
+    return template
+
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it belongs to an assistant turn.
+
+    Raises:
+        ChatTemplateError: when the mask cannot be computed exactly.
+    """
+    if _GENERATION_TAG.search(_template(tokenizer)):
+        encoded: Any = tokenizer.apply_chat_template(  # a BatchEncoding here (return_dict=True)
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(encoded["input_ids"]), [bool(m) for m in encoded["assistant_masks"]]
+
+    def render(turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return str(text)
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], generation_prompt=True)
+        through = render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ChatTemplateError(
+                f"the chat template is not prefix-stable at turn {i}: rendering the conversation up to that turn "
+                "is not a prefix of the whole; add {% generation %} markers to the template",
+            )
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    for start, end in encoded["offset_mapping"]:
+        inside = any(s <= start and end <= e for s, e in spans)
+        if not inside and any(start < e and end > s for s, e in spans):
+            raise ChatTemplateError(
+                f"a token spans the boundary of an assistant turn (characters {start}-{end}); the response mask "
+                "would be approximate",
+            )
+        mask.append(inside)
+    return list(encoded["input_ids"]), mask
 
 
 def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
@@ -145,10 +203,84 @@ class VPiTProcessor:
 
         return self._span_or_marker.sub(replace, text), count
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-        """The tokenizer's own chat template (text by default)."""
-        kwargs.setdefault("tokenize", False)
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        images: Sequence[ImageSource] | None = None,
+        *,
+        tokenize: bool = False,
+        return_dict: bool = True,
+        add_generation_prompt: bool = False,
+        **template_kwargs: Any,
+    ) -> Any:
+        """The tokenizer's own chat template: text by default, or model inputs with `tokenize=True`.
+
+        With `tokenize=True` the conversation (or a list of them) is rendered once and tokenised without adding
+        special tokens again (the template writes BOS), each `image_token` marker becomes a full span of K slots,
+        and the result is a BatchFeature with `input_ids`, `attention_mask`, `pixel_values` (images in marker
+        order) and, unless `add_generation_prompt`, `labels`: the assistant tokens (their image boundary tokens
+        included), -100 on prompts, image slots and padding. Rows are right-padded, or left-padded for a
+        generation prompt.
+
+        Example:
+            >>> batch = processor.apply_chat_template(
+            ...     [{"role": "user", "content": "Draw a red square."},
+            ...      {"role": "assistant", "content": "Here is an image based on your request: <image>"}],
+            ...     images=[red_square], tokenize=True)
+            >>> model(**batch).loss
+
+        Raises:
+            ValueError: when the markers and the images differ in number; ChatTemplateError when the response mask
+                cannot be computed exactly.
+        """
+        if not tokenize:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
+        if not return_dict:
+            raise ValueError("tokenize=True returns a BatchFeature (input_ids, labels, pixel_values); keep return_dict")
+        conversations = [conversation] if conversation and isinstance(conversation[0], dict) else conversation
+        images = list(images or [])
+        slot_id = token_id(self.tokenizer, self.image_token)
+        rows, label_rows, counts = [], [], []
+        for messages in cast(list[list[dict[str, Any]]], conversations):
+            expanded, count = [], 0
+            for message in messages:
+                content, n = self.expand_image_markers(message["content"])
+                expanded.append({**message, "content": content})
+                count += n
+            counts.append(count)
+            if add_generation_prompt:
+                ids = list(
+                    self.tokenizer.apply_chat_template(
+                        expanded, tokenize=True, add_generation_prompt=True, return_dict=False, **template_kwargs
+                    )
+                )
+                mask = [False] * len(ids)
+            else:
+                ids, mask = assistant_mask(self.tokenizer, expanded)
+            row = torch.tensor(ids, dtype=torch.long)  # (L,)
+            rows.append(row)
+            label_rows.append(torch.where(torch.tensor(mask) & (row != slot_id), row, -100))
+        if sum(counts) != len(images):
+            raise ValueError(
+                f"the conversations hold {sum(counts)} image marker(s) ({self.image_token!r}) per row {counts} "
+                f"but {len(images)} image(s) were given"
+            )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), int(pad), dtype=torch.long)  # (B, T)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (row, label) in enumerate(zip(rows, label_rows, strict=True)):
+            cut = slice(length - len(row), length) if add_generation_prompt else slice(0, len(row))
+            input_ids[i, cut], labels[i, cut], attention_mask[i, cut] = row, label, 1
+        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not add_generation_prompt:
+            data["labels"] = labels
+        if images:
+            data["pixel_values"] = self.preprocess_images(images)
+        return BatchFeature(data=data)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -245,4 +377,10 @@ class VPiTProcessor:
         return processor
 
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "VPiTProcessor"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "ChatTemplateError",
+    "VPiTProcessor",
+    "assistant_mask",
+    "token_id",
+]

@@ -39,6 +39,10 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
     run_dir = Path(recipe.train.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.optim.gradient_accumulation_steps,
+        # The schedule is built in optimizer steps and the loop steps it once per optimizer step. Left to accelerate,
+        # a prepared scheduler steps once per process at every optimizer step (its batches-per-process convention),
+        # so warm-up and decay would run num_processes times too fast.
+        step_scheduler_with_optimizer=False,
         mixed_precision=recipe.train.mixed_precision,
         log_with=recipe.tracking.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),

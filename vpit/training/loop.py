@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collator import model_inputs
+from ..model.losses import count_loss_items
 from .checkpoint import TrainerState, save_checkpoint
 from .config import Recipe
 
@@ -37,19 +38,31 @@ def train_loop(
 ) -> TrainerState:
     """Train until `recipe.train.max_steps` optimizer steps, starting from `state` (0, or a resumed checkpoint).
 
-    Losses are averaged over the micro-batches of a step and over processes before they are logged; every log
-    line is also appended to `state.history` (which goes into checkpoints, the final summary and the loss curve).
+    The VPiT loss of a step is the loss of its whole global batch (every micro-batch of every process): the text
+    term is the CE sum over the global batch's labelled tokens divided by their count, the visual term likewise
+    over its visual targets. Each micro-batch's loss is its sums over those global counts (all-reduced before the
+    step), scaled by processes x micro-batches to undo the averaging that gradient accumulation and data
+    parallelism apply, so a global batch gives the same loss and gradients however it is split. Logged losses are
+    the global batch's; every log line is also appended to `state.history` (checkpoints, summary, loss curve).
 
-    `compute_loss(batch, step) -> (loss, named terms)` defaults to the VPiT model's forward (loss, text_loss,
-    visual_loss); `after_step()` runs after each optimizer step (e.g. an EMA update).
+    `compute_loss(batch, step) -> (loss, named terms)` replaces the VPiT forward (the decoder stage's: a mean per
+    micro-batch, averaged over micro-batches and processes); `after_step()` runs after each optimizer step (e.g.
+    an EMA update).
     """
+    train, accumulation = recipe.train, recipe.optim.gradient_accumulation_steps
+    world = accelerator.num_processes
+    global_counts = torch.ones(2, dtype=torch.long)  # (labelled tokens, visual targets) of the current global batch
+    weigh_globally = compute_loss is None
     if compute_loss is None:
 
         def compute_loss(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            out = model(**model_inputs(batch))
-            return out.loss, {key: getattr(out, key) for key in LOSS_KEYS}
+            out = model(
+                **model_inputs(batch),
+                num_items_in_batch=global_counts[0],
+                num_visual_items_in_batch=global_counts[1],
+            )
+            return out.loss * (world * accumulation), {key: getattr(out, key) for key in LOSS_KEYS}
 
-    train, accumulation = recipe.train, recipe.optim.gradient_accumulation_steps
     params = [p for p in model.parameters() if p.requires_grad]
     progress = tqdm(
         total=train.max_steps, initial=state.step, desc=f"{recipe.stage}", disable=not accelerator.is_local_main_process
@@ -58,22 +71,26 @@ def train_loop(
     window_steps, window_samples, window_start = 0, 0, time.perf_counter()
     model.train()
     while state.step < train.max_steps:
-        for _ in range(accumulation):
-            batch = next(batches)
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        if weigh_globally:
+            local = sum(count_loss_items(b["labels"], b["visual_target_mask"]) for b in micro_batches)
+            global_counts = accelerator.reduce(torch.as_tensor(local).to(accelerator.device), reduction="sum")
+        for batch in micro_batches:
             with accelerator.accumulate(model):
                 loss, terms = compute_loss(batch, state.step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key, value in terms.items():
-                window[key] = window.get(key, 0.0) + float(value.detach()) / accumulation
+            for key, value in terms.items():  # global-batch terms add up; per-micro-batch means average
+                window[key] = window.get(key, 0.0) + float(value.detach()) / (1 if weigh_globally else accumulation)
             state.next_batch = int(batch["batch_index"]) + 1
             state.samples += int(batch["num_samples"])
             state.skipped += int(batch["num_skipped"])
             window_samples += int(batch["num_samples"])
+        if not getattr(optimizer, "step_was_skipped", False):  # an fp16 overflow skips the step, and the schedule too
+            scheduler.step()  # once per optimizer step, whatever the number of processes or micro-batches
         if after_step is not None and accelerator.sync_gradients:
             after_step()
         state.step += 1
@@ -83,10 +100,10 @@ def train_loop(
         if state.step % train.log_every == 0 or last:
             keys = sorted(window)
             local = torch.tensor([window[k] / window_steps for k in keys] + [window_samples, state.skipped])
-            mean = accelerator.reduce(local.to(accelerator.device), reduction="mean").cpu()
             total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+            losses = total if weigh_globally else total / world  # each process holds its share / its own mean
             seconds = time.perf_counter() - window_start
-            metrics = {k: float(mean[i]) for i, k in enumerate(keys)}
+            metrics = {k: float(losses[i]) for i, k in enumerate(keys)}
             metrics |= {
                 "lr": float(scheduler.get_last_lr()[0]),
                 "samples_per_s": float(total[-2]) / seconds,
