@@ -111,3 +111,36 @@ def test_reports_use_the_card_id_field_and_missing_files(tmp_path):
     assert [(p.id, p.reason) for p in problems] == [("k-7", "missing_image")]
     missing = _write_card(tmp_path, source={"data_files": ["absent.jsonl"]})
     assert [(p.index, p.reason) for p in validate(missing).problems] == [(-1, "unreadable_file")]
+
+
+def test_without_image_folder_image_paths_stay_inside_the_card_folder(tmp_path):
+    """No image_folder: paths are relative to the card's folder and may not leave it (absolute or ../)."""
+    import json
+
+    from PIL import Image
+
+    from vpit.data.records import RecordError, load_record_image
+
+    (tmp_path / "cards").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "cards" / "inside.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    records = [
+        {
+            "id": str(i),
+            "image": path,
+            "conversations": [{"from": "human", "value": "<image> ?"}, {"from": "gpt", "value": "a"}],
+        }
+        for i, path in enumerate(["inside.png", "../outside.png", str(tmp_path / "outside.png")])
+    ]
+    (tmp_path / "cards" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "cards" / "card.yaml").write_text(
+        "name: c\ndescription: d\ntask: understanding\nformat: llava\nlicense: x\ncitation: y\n"
+        "source: {data_files: [data.jsonl]}\n"
+    )
+    card = DataCard.load(tmp_path / "cards" / "card.yaml")
+    assert card.image_root() == (tmp_path / "cards").resolve()
+    samples = [card.to_sample(i, r) for i, r in card.records()]
+    assert load_record_image(samples[0].images[0], samples[0].image_root).getpixel((0, 0)) == (1, 2, 3)
+    for sample in samples[1:]:
+        with pytest.raises(RecordError, match="path_escapes_root"):
+            load_record_image(sample.images[0], sample.image_root)

@@ -2,8 +2,10 @@
 folder loads with DiffusionPipeline.from_pretrained, and a resumed run reproduces the uninterrupted loss curve."""
 
 import pytest
+import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file
 from training_helpers import history, run_killed_at_publish, run_training
 
 import vpit
@@ -62,3 +64,12 @@ def test_decoder_resume_reproduces_the_loss_curve(tiny_clip, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 13))
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-5, (x["step"], x["loss"], y["loss"])
+    # The EMA resumed exactly too (the final folder holds the EMA weights), from safetensors, nothing pickled.
+    checkpoint = resumed / "checkpoint-00000005"
+    assert (checkpoint / "ema.safetensors").is_file() and (checkpoint / "ema.json").is_file()
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    for part in ("unet", "projector"):
+        x = load_file(str(straight / "final" / part / "diffusion_pytorch_model.safetensors"))
+        y = load_file(str(resumed / "final" / part / "diffusion_pytorch_model.safetensors"))
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6)

@@ -158,3 +158,22 @@ def test_console_script_help():
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert "push" in result.stdout and "Visual-Predictive" in result.stdout
+
+
+def test_cards_publish_no_local_paths(folder, tmp_path):
+    """Recipe values that are local paths (folders, files, local-dir: references) never reach a card."""
+    from vpit.hub import write_model_card
+
+    recipe = {
+        "stage": "vpit",
+        "model": {"pretrained": str(folder), "llm": None, "vision": f"local-dir:{tmp_path}/clip"},
+        "data": {"mixture": [{"card": "data_cards/toy_generation.yaml", "image_folder": "/data/private/images"}]},
+        "train": {"output_dir": "outputs/toy/vpit", "eval_decoder": "~/decoders/x"},
+        "hub": {"repo_id": "me/vpit-tiny"},
+        "optim": {"schedule": "cosine"},
+    }
+    card = write_model_card(folder, "me/vpit-tiny", training_config=recipe).read_text()
+    for secret in (str(tmp_path), "/data/private", "outputs/toy", "data_cards/", "~/decoders"):
+        assert secret not in card, secret
+    assert '"repo_id": "me/vpit-tiny"' in card and '"schedule": "cosine"' in card  # names and Hub ids stay
+    assert '"vision": "local-dir:<local path>"' in card and '"output_dir": "<local path>"' in card

@@ -34,7 +34,7 @@ def test_recipe_loads_and_its_cards_exist(path):
     for entry in parse_mixture(recipe.data.mixture):
         assert (ROOT / entry.card).is_file(), entry.card
     if recipe.stage == "bridge":
-        assert recipe.freeze.llm and not recipe.lora.enabled
+        assert recipe.freeze.llm and recipe.freeze.visual_head and not recipe.lora.enabled
 
 
 @pytest.mark.parametrize("path", LAUNCH, ids=lambda p: p.name)
@@ -65,6 +65,10 @@ def _minimal(**sections):
         (_minimal(train={"mixed_precision": "fp8"}), r"train.mixed_precision must be one of"),
         (_minimal(data={"mixture": []}), "data.mixture must list at least one data card"),
         (_minimal(stage="bridge"), "stage 'bridge' trains the bridge with the LLM frozen"),
+        (
+            _minimal(stage="bridge", freeze={"llm": True}),
+            "stage 'bridge' does not train the visual head .* set freeze.visual_head: true",
+        ),
         (_minimal(hub={"push": True}), "hub.push needs hub.repo_id"),
         (_minimal(lora={"r": 0}), "lora: need r >= 1"),
         ({"stage": "vpit", "model": {"llm": "x"}}, "missing 1 required"),
@@ -82,7 +86,7 @@ def test_invalid_recipes(data, message):
 def test_a_section_the_stage_does_not_use_is_an_error(stage, section):
     data = {"stage": stage, "model": {"pretrained": "some/folder"}, "data": {"mixture": [{"card": "x.yaml"}]}}
     if stage == "bridge":
-        data["freeze"] = {"llm": True}
+        data["freeze"] = {"llm": True, "visual_head": True}
     recipe_from_dict(data)  # valid without it
     with pytest.raises(ValueError, match=rf"unknown keys \['{section}'\]: stage '{stage}' .* does not use them"):
         recipe_from_dict({**data, section: {}})

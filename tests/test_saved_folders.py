@@ -101,3 +101,32 @@ def test_k_and_the_image_tokens_have_one_home_the_model_config(tmp_path):
     decoder.vision_encoder.encoder.num_visual_tokens = 9
     with pytest.raises(ValueError, match=r"the vision encoder emits K = 9 .* projector.num_visual_tokens is 4"):
         VPiTDecoderPipeline(**decoder.components)
+
+
+def test_the_decoder_stage_loads_the_vision_encoder_alone(monkeypatch):
+    """The decoder trains from the frozen encoder: it reads the folder's vision_tower.* weights, never the LLM."""
+    from vpit.training.config import recipe_from_dict
+    from vpit.training.stages.decoder import build_decoder
+
+    reference = AutoModelForCausalLM.from_pretrained(V0 / "model").vision_tower
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the decoder stage loaded the whole VPiT model")
+
+    monkeypatch.setattr(vpit.VPiTForCausalLM, "from_pretrained", refuse)
+    encoder = vpit.VPiTForCausalLM.load_vision_encoder(V0 / "model")
+    assert encoder.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in encoder.parameters())
+    recipe = recipe_from_dict(
+        {
+            "stage": "decoder",
+            "model": {"pretrained": str(V0 / "model")},
+            "decoder": {"init": "toy", "latent": False, "projector_hidden_size": 32},
+            "data": {"mixture": [{"card": "x.yaml"}]},
+        }
+    )
+    decoder = build_decoder(recipe)
+    pixels = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(decoder.vision_encoder(pixels), reference(pixels), rtol=0, atol=0)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 from training_helpers import (
     ROOT,
@@ -22,6 +23,14 @@ from training_helpers import (
 
 from vpit import VPiTForCausalLM
 from vpit.training.checkpoint import checkpoints, find_resume_point
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate keeps one state per process; tests that build Accelerators in-process start and end clean."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_bridge_then_vpit_stage(tiny_llama, tiny_clip, tmp_path):
@@ -166,7 +175,7 @@ def test_periodic_evaluation_logs_losses_accuracy_and_image_grids(tiny_llama, ti
     assert grid.size == (4 * 32, 2 * 32)  # 8 generation prompts of the toy card sample, 4 per row
 
 
-def test_accumulated_micro_batches_weigh_like_one_global_batch(tiny_llama, tiny_clip, tmp_path):
+def test_accumulated_micro_batches_weigh_like_one_global_batch(fresh_accelerator, tiny_llama, tiny_clip, tmp_path):
     """One process, 2 micro-batches with different labelled-token and visual-target counts: the accumulated gradient
     is the gradient of the loss of the merged global batch (SGD with lr 1 makes the update the gradient itself)."""
     import copy
@@ -214,3 +223,112 @@ def test_accumulated_micro_batches_weigh_like_one_global_batch(tiny_llama, tiny_
     reference_params = [p for p in reference.parameters() if p.requires_grad]
     for start, after, ref in zip(before, params, reference_params, strict=True):
         torch.testing.assert_close(start - after.detach(), ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(
+    fresh_accelerator, tiny_llama, tiny_clip, tmp_path
+):
+    """train.mixed_precision: bf16 (CPU autocast here): the LLM computes in bf16, the weights and the optimizer stay
+    fp32, the losses are fp32 and close to the fp32 run's."""
+    from vpit.data.collator import model_inputs
+    from vpit.training.components import build_accelerator, build_batches, build_model
+    from vpit.training.config import recipe_from_dict
+
+    def recipe(precision):
+        return recipe_from_dict(
+            {
+                "stage": "vpit",
+                "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
+                "data": {"mixture": [{"card": "data_cards/toy_generation.yaml"}], "use_sample": True, "num_workers": 0},
+                "train": {"output_dir": str(tmp_path), "mixed_precision": precision},
+                "tracking": {"report_to": []},
+            }
+        )
+
+    losses = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process, as accelerate has it
+        accelerator = build_accelerator(recipe(precision))
+        torch.manual_seed(0)
+        model, processor = build_model(recipe(precision))
+        batch = model_inputs(next(iter(build_batches(recipe(precision).data, processor, 0, 1, tmp_path / "d"))))
+        prepared = accelerator.prepare(model)
+        out = prepared(**batch)
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32 and out.visual_loss > 0
+        # accelerate hands outputs back in fp32; computed in bf16, the logits are bf16 values
+        in_bf16 = bool((out.logits == out.logits.bfloat16().float()).all())
+        assert out.logits.dtype == torch.float32 and in_bf16 == (precision == "bf16")
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+        losses[precision] = float(out.loss)
+        accelerator.free_memory()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=2e-2)
+    assert losses["bf16"] != losses["no"]  # autocast really ran
+
+
+def test_bridge_stage_changes_no_llm_weight_and_keeps_state_only_for_trained_rows(
+    fresh_accelerator, tiny_llama, tiny_clip, tmp_path
+):
+    """Frozen means frozen: with weight decay on, 3 bridge-stage steps change the bridge and the image tokens' rows of
+    the embedding and the untied LM head, and nothing else (the LLM, the visual head); the optimizer holds state for
+    those only."""
+    from transformers import AutoModelForCausalLM
+
+    from vpit.model.lora import merge_lora
+    from vpit.training.checkpoint import TrainerState
+    from vpit.training.components import build_accelerator, build_batches, build_model, build_optimizer, build_scheduler
+    from vpit.training.config import recipe_from_dict
+    from vpit.training.loop import train_loop
+
+    recipe = recipe_from_dict(
+        {
+            "stage": "bridge",
+            "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
+            "freeze": {"llm": True, "visual_head": True},
+            "data": {"mixture": [{"card": "data_cards/toy_understanding.yaml"}], "use_sample": True, "num_workers": 0},
+            "optim": {"lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1},
+            "train": {"output_dir": str(tmp_path), "max_steps": 3, "checkpoint_every": 0},
+            "tracking": {"report_to": []},
+        }
+    )
+    accelerator = build_accelerator(recipe)
+    model, processor = build_model(recipe)
+    start = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    optimizer, scheduler = build_optimizer(model, recipe), None
+    scheduler = build_scheduler(optimizer, recipe)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    batches = iter(build_batches(recipe.data, processor, 0, 1, tmp_path / "data"))
+    train_loop(accelerator, model, batches, optimizer, scheduler, recipe, tmp_path, TrainerState())
+
+    base = model.get_base_model()
+    hidden = base.config.get_text_config().hidden_size
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    rows = sum(v for n, v in trained.items() if "trainable_tokens" in n)
+    assert rows == 2 * 3 * hidden  # 3 image-token rows of the embedding and of the LM head, nothing more of them
+    adapters = sum(p.numel() for p in base.bridge.parameters())
+    assert sum(trained.values()) == adapters + rows
+    state = sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim)
+    assert state == 2 * (adapters + rows)  # Adam's two moments, for the trained parameters only
+
+    merged = merge_lora(accelerator.unwrap_model(model))
+    after = merged.state_dict()
+    original_llm = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    rows = sorted(set(merged.image_token_ids()))
+    changed = []
+    for key, before in start.items():
+        key = key.replace(".base_layer", "")
+        if key not in after:
+            continue
+        now = after[key]
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+            keep = torch.ones(now.shape[0], dtype=torch.bool)
+            keep[rows] = False
+            assert torch.equal(now[keep], before[keep]), key  # every old row exactly as it was
+            assert not torch.equal(now[rows], before[rows]), key  # the image rows learnt
+            old = original_llm[key.removeprefix("language_model.")]
+            assert torch.equal(now[: old.shape[0]], old)
+        elif not torch.equal(now, before):
+            changed.append(key)
+    assert changed and all(key.startswith("bridge.") for key in changed), changed

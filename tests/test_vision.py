@@ -139,3 +139,23 @@ def test_real_siglip_so400m_architecture_pools_27x27_to_64():
     z = enc.pool(grid)
     assert z.shape == (1, 64, 1152)
     assert torch.allclose(z.norm(dim=-1), torch.ones(1, 64), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_transformers_tower_runs_only_up_to_the_feature_layer(hf_vision, kind):
+    """Neither the blocks after the chosen one, nor the post-LayerNorm, nor SigLIP's pooling head run."""
+    folder = hf_vision(kind)
+    enc = VisionEncoder.from_pretrained_spec(VPiTVisionConfig(backend="hf", model_name=str(folder), feature_layer=1), 4)
+    x = torch.randn(2, 3, 32, 32)
+    expected = enc.tower(pixel_values=x, output_hidden_states=True).hidden_states[1][:, 1 if kind == "clip" else 0 :]
+
+    class Forbidden(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("ran a module after the feature layer")
+
+    vision = getattr(enc.tower, "vision_model", enc.tower)
+    vision.encoder.layers[1] = Forbidden()  # the second (last) block: feature_layer=1 is the first
+    vision.post_layernorm = Forbidden()
+    if hasattr(vision, "head"):
+        vision.head = Forbidden()
+    torch.testing.assert_close(enc.patch_tokens(x), expected, rtol=0, atol=1e-6)

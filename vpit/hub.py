@@ -103,6 +103,27 @@ def _hub_id(name: str | None) -> str | None:
     return name
 
 
+LOCAL = "<local path>"
+
+
+def _public(value: Any) -> Any:
+    """A recipe value as a card may publish it: Hub ids and plain names stay, local filesystem paths (folders,
+    files, `local-dir:` references) become `<local path>`, so no card shows the machine it was trained on."""
+    if isinstance(value, dict):
+        return {key: _public(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_public(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith(("local-dir:", "file:")):
+        return f"{value.split(':', 1)[0]}:{LOCAL}"
+    if _hub_id(value) is not None or "://" in value:  # a repo id (not an existing local folder) or a URL
+        return value
+    if "/" in value or "\\" in value or value.startswith("~") or Path(value).exists():
+        return LOCAL
+    return value
+
+
 def _vision_hub_id(vision: dict[str, Any]) -> str | None:
     if vision.get("backend") == "open_clip" and vision.get("pretrained"):
         import open_clip
@@ -147,13 +168,15 @@ def build_model_card(
     extra_rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
     training = ""
     if training_config is not None:
-        training = "\n## Training configuration\n\n```json\n" + json.dumps(training_config, indent=2) + "\n```\n"
+        public = json.dumps(_public(training_config), indent=2)
+        training = "\n## Training configuration\n\n```json\n" + public + "\n```\n"
     text = MODEL_CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=repo_id.split("/")[-1],
-        llm=config.get("text_model_name_or_path") or config.get("text_config", {}).get("model_type", "?"),
+        llm=_public(config.get("text_model_name_or_path")) or config.get("text_config", {}).get("model_type", "?"),
         backend=vision.get("backend", "?"),
-        vision=vision.get("model_name", "?") + (f" ({vision['pretrained']})" if vision.get("pretrained") else ""),
+        vision=_public(vision.get("model_name", "?"))
+        + (f" ({_public(vision['pretrained'])})" if vision.get("pretrained") else ""),
         feature_layer=vision.get("feature_layer", -1),
         num_visual_tokens=config.get("num_visual_tokens"),
         pooling=config.get("pooling"),
@@ -234,19 +257,20 @@ def build_decoder_model_card(
     vision, reconstruct = "none (pass visual tokens)", ""
     if (index.get("vision_encoder") or [None])[0] is not None:
         spec = _component_config(folder, "vision_encoder")["vision_config"]
-        vision = f"{spec['backend']} `{spec['model_name']}` (frozen, {_parameters(folder / 'vision_encoder')})"
+        vision = f"{spec['backend']} `{_public(spec['model_name'])}` (frozen, {_parameters(folder / 'vision_encoder')})"
         reconstruct = (
             "\nfrom PIL import Image\n\n"
             'reconstruction = pipe(image=Image.open("photo.jpg")).images[0]  # encode -> project -> denoise\n'
         )
     unet_row = f"{index['unet'][1]}, {unet['sample_size']} px samples, {_parameters(folder / 'unet')}"
     if source:
-        unet_row += f" (from `{source}`)"
+        unet_row += f" (from `{_public(source)}`)"
     tokens_out = projector.get("num_queries") or projector["num_visual_tokens"]
     extra_rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
     training = ""
     if training_config is not None:
-        training = "\n## Training configuration\n\n```json\n" + json.dumps(training_config, indent=2) + "\n```\n"
+        public = json.dumps(_public(training_config), indent=2)
+        training = "\n## Training configuration\n\n```json\n" + public + "\n```\n"
     text = DECODER_CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=f"VPiT decoder — {repo_id}" if repo_id else "VPiT decoder",

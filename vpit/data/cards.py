@@ -132,8 +132,20 @@ class DataCard:
         """The record key holding the id (e.g. CC3M's `__key__`)."""
         return self.fields.get("id", DEFAULT_FIELDS[self.format]["id"])
 
+    def image_root(self, use_sample: bool = False) -> Path | None:
+        """The folder every image path of this source must stay inside: its `image_folder`, else the card's own
+        folder (a record can never reach `/etc/...` or `../..` by leaving image_folder unset), else the folder of
+        its first data file (a card built in code). None only for a Hub dataset of a card built in code."""
+        location = self.location(use_sample)
+        if location.image_folder:
+            return Path(location.image_folder)
+        if self.path is not None:
+            return self.path.resolve().parent
+        if location.data_files and "://" not in location.data_files[0]:
+            return Path(location.data_files[0]).resolve().parent
+        return None
+
     def to_sample(self, index: int, record: Mapping[str, Any], use_sample: bool = False, seed: int = 0) -> Sample:
-        folder = self.location(use_sample).image_folder
         return record_to_sample(
             record,
             self.format,
@@ -143,7 +155,7 @@ class DataCard:
             fields=self.fields,
             templates=self.templates,
             response_template=self.response_template,
-            image_root=Path(folder) if folder else None,
+            image_root=self.image_root(use_sample),
             seed=seed,
         )
 

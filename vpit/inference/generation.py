@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
+import torch.distributed as dist
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation import (
     LogitsProcessor,
@@ -324,6 +325,7 @@ def generate(
     generator: torch.Generator | None = None,
     streamer: Streamer | None = None,
     use_cache: bool = True,
+    synced_gpus: bool | None = None,
 ) -> VPiTGenerationOutput:
     """Generate text and images: text is decoded as usual, each `<image_start>` is followed by K predicted visual
     tokens and a forced `<image_end>` (see the module docstring for the per-row state machine).
@@ -348,6 +350,9 @@ def generate(
         streamer: `TextStreamer`-like; batch size 1 only. Receives the prompt's tokens without its slots (so that
             `skip_prompt=True` works), then every new token except image slots, then `end()`.
         use_cache: keep a `DynamicCache` (one position per step); False recomputes the whole prefix every step.
+        synced_gpus: every process runs the same modules at every step and keeps stepping until all are done, as
+            DeepSpeed ZeRO-3 needs (a partitioned module gathers its weights collectively when called); default:
+            on when the model is ZeRO-3-partitioned across several processes, as transformers' `generate` does.
 
     Returns:
         `VPiTGenerationOutput` with `sequences` (B, T + N), `attention_mask`, `images` (per row, (K, Dv) each),
@@ -414,7 +419,21 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids[:, (input_ids[0] != slot_id) & (attention_mask[0] == 1)].cpu())
 
+    if synced_gpus is None:
+        synced_gpus = model.is_partitioned() and dist.is_initialized() and dist.get_world_size() > 1
+    finished_here = False  # synced: this process is done and only keeps the others company
+
     for step in range(settings.max_new_tokens):
+        if finished_here:
+            # Call every module the other processes call (a one-position forward, the head, the bridge), record
+            # nothing, until all of them are done.
+            idle = model.language_model(
+                inputs_embeds=step_embeds[:, -1:], use_cache=False, output_hidden_states=True, return_dict=True
+            )
+            model.bridge(model.predict_visual(idle.hidden_states[-1][:, -1]).to(step_embeds.dtype))
+            if _all_done(True, device):
+                break
+            continue
         positions = _positions(attention_mask)  # (B, T')
         feed = step_embeds if use_cache else all_embeds
         out = model.language_model(
@@ -439,11 +458,12 @@ def generate(
         tokens = torch.where(end_pending, end_id, tokens)
         tokens = torch.where(visual, slot_id, tokens)
         next_embeds = embed_tokens(tokens)  # (B, H)
-        if bool(visual.any()):
+        if bool(visual.any()) or synced_gpus:  # synced: the head and bridge run on every process at every step
             z_hat = model.predict_visual(h_last)  # (B, Dv)
             bridged = model.bridge(z_hat.to(next_embeds.dtype)).to(next_embeds.dtype)  # (B, H)
             next_embeds = torch.where(visual[:, None], bridged, next_embeds)  # (B, H)
-            visual_steps.append((step, z_hat))
+            if bool(visual.any()):
+                visual_steps.append((step, z_hat))
 
         # The new column is real for every row that was not DONE before this step (an eos token included).
         sequences = torch.cat([sequences, tokens[:, None]], dim=1)
@@ -459,12 +479,16 @@ def generate(
         image_mask.images_started = image_mask.images_started + started.long()
         done = done | (text & torch.isin(tokens, eos))
         if bool(done.any()):
-            if bool(done.all()):
-                break
             padded = True  # finished rows get attention-mask 0 from the next column on
         step_embeds = next_embeds[:, None]  # (B, 1, H)
         if not use_cache:
             all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
+        if synced_gpus:
+            if _all_done(bool(done.all()), device):
+                break
+            finished_here = bool(done.all())
+        elif bool(done.all()):
+            break
 
     if streamer is not None:
         streamer.end()
@@ -481,6 +505,13 @@ def generate(
         num_new_tokens=num_new,
         finished=done,
     )
+
+
+def _all_done(done_here: bool, device: torch.device) -> bool:
+    """Whether every process is done (an all-reduce; each process calls it at every synced step)."""
+    flag = torch.tensor([0.0 if done_here else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return bool(flag.item() == 0.0)
 
 
 # --------------------------------------------------------------------------------------- reference (no cache)

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
 
 from .modeling_vpit import VPiTForCausalLM
@@ -72,11 +72,8 @@ def apply_lora(
         raise ValueError(f"lora r must be >= 1, got {r}")
     token_indices = None
     if train_image_token_rows:
-        ids = sorted(set(model.image_token_ids()))
-        token_indices = {_module_name(model, model.get_input_embeddings()): ids}
-        output_embeddings = model.get_output_embeddings()
-        if output_embeddings is not None and output_embeddings.weight is not model.get_input_embeddings().weight:
-            token_indices[_module_name(model, output_embeddings)] = ids
+        ids, targets = _image_token_targets(model)
+        token_indices = dict.fromkeys(targets, ids)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -88,6 +85,36 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def _image_token_targets(model: VPiTForCausalLM) -> tuple[list[int], list[str]]:
+    """The image tokens' ids and the matrices that hold their rows: the embedding, and an untied LM head."""
+    ids = sorted(set(model.image_token_ids()))
+    embeddings = model.get_input_embeddings()
+    targets = [_module_name(model, embeddings)]
+    output_embeddings = model.get_output_embeddings()
+    if output_embeddings is not None and output_embeddings.weight is not embeddings.weight:
+        targets.append(_module_name(model, output_embeddings))
+    return ids, targets
+
+
+def apply_image_token_rows(model: VPiTForCausalLM) -> PeftModel:
+    """Train the image tokens' embedding and LM-head rows alone (peft's TrainableTokens) with the rest of the LLM
+    frozen, as the bridge stage does: only those rows hold gradients and optimizer state (a few rows, not a
+    128k x 4096 matrix), and no other row can change, weight decay or not. The bridge and visual head keep the
+    trainability they had; `merge_lora` folds the rows back into a plain model.
+
+    Example:
+        >>> model.language_model.requires_grad_(False)
+        >>> wrapped = apply_image_token_rows(model)   # bridge + image-token rows train
+    """
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    ids, targets = _image_token_targets(model)
+    wrapped = get_peft_model(model, TrainableTokensConfig(token_indices=ids, target_modules=targets))
+    for name, param in model.named_parameters():  # peft freezes everything it did not add: restore the rest
+        if name in trainable:
+            param.requires_grad_(True)
+    return wrapped
+
+
 def load_lora(base: VPiTForCausalLM | str | Path, adapter: str | Path, is_trainable: bool = False) -> PeftModel:
     """Load an adapter folder onto a VPiT base model (an object or a saved VPiT folder)."""
     model = base if isinstance(base, VPiTForCausalLM) else VPiTForCausalLM.from_pretrained(base)
@@ -95,7 +122,8 @@ def load_lora(base: VPiTForCausalLM | str | Path, adapter: str | Path, is_traina
 
 
 def merge_lora(peft_model: PeftModel) -> VPiTForCausalLM:
-    """Fold LoRA, the trained bridge/head and the image-token rows into a plain `VPiTForCausalLM`."""
+    """Fold LoRA (or the TrainableTokens of `apply_image_token_rows`), the trained bridge/head and the image-token
+    rows into a plain `VPiTForCausalLM`."""
     merged = peft_model.merge_and_unload()
     if not isinstance(merged, VPiTForCausalLM):
         raise TypeError(f"expected a VPiTForCausalLM under the adapter, got {type(merged).__name__}")
@@ -103,4 +131,4 @@ def merge_lora(peft_model: PeftModel) -> VPiTForCausalLM:
     return merged
 
 
-__all__ = ["apply_lora", "load_lora", "lora_target_modules", "merge_lora"]
+__all__ = ["apply_image_token_rows", "apply_lora", "load_lora", "lora_target_modules", "merge_lora"]

@@ -11,6 +11,7 @@ Dimension letters: see `vpit.model.configuration_vpit`.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,6 +174,44 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         model.vision_tower.freeze()
         return model
 
+    @classmethod
+    def load_vision_encoder(cls, pretrained: str | Path, **hub_kwargs: Any) -> VisionEncoder:
+        """The frozen vision encoder of a saved VPiT folder (or Hub repo) alone: its config and its `vision_tower.*`
+        weights, without building or reading the language model (what the decoder stage trains from).
+
+        Raises:
+            ValueError: when the folder holds no vision-tower weights.
+        """
+        from safetensors import safe_open
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+        config = VPiTConfig.from_pretrained(pretrained, **hub_kwargs)
+        index = cached_file(str(pretrained), SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+        if index is not None:  # sharded: only the shards that hold the tower
+            weight_map: dict[str, str] = json.loads(Path(index).read_text())["weight_map"]
+            files = sorted({f for key, f in weight_map.items() if key.startswith("vision_tower.")})
+        else:
+            files = [SAFE_WEIGHTS_NAME]
+        prefix = "vision_tower."
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            path = cached_file(str(pretrained), name, **hub_kwargs)
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key.startswith(prefix):
+                        state[key.removeprefix(prefix)] = weights.get_tensor(key)
+        if not state:
+            raise ValueError(f"{pretrained} holds no {prefix}* weights; is it a VPiT model folder?")
+        encoder = VisionEncoder(
+            config.get_vision_config(),
+            config.num_visual_tokens,
+            pooling=config.pooling,
+            normalize=config.normalize_visual_tokens,
+        )
+        encoder.load_state_dict(state, strict=True)
+        encoder.freeze()
+        return encoder
+
     # ------------------------------------------------------------------------------------------- accessors
 
     def get_input_embeddings(self) -> nn.Module:
@@ -186,6 +225,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.language_model.set_output_embeddings(new_embeddings)
+
+    def is_partitioned(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions this model's parameters (then every process must call the same
+        modules in the same order, in evaluation and generation too)."""
+        return any(hasattr(p, "ds_id") for p in self.bridge.parameters())
 
     def image_token_ids(self) -> tuple[int, int, int]:
         """(image_start, image_end, image slot) token ids, as looked up in the tokenizer at assembly."""
@@ -270,9 +314,10 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(
                 slot_mask.unsqueeze(-1).expand_as(inputs_embeds), bridged.to(inputs_embeds.dtype)
             )
-        elif self.training:
+        elif self.training or self.is_partitioned():
             # Every rank runs the encoder and the bridge every step, even on a text-only batch, so that
-            # DDP / ZeRO-3 see the same modules used on all ranks (no hang, no unused-parameter error).
+            # DDP / ZeRO-3 see the same modules used on all ranks (no hang, no unused-parameter error); under
+            # ZeRO-3 evaluation too, where calling a module gathers its partitioned weights collectively.
             size = self.vision_tower.image_size
             dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, *size))
             bridged = self.bridge(dummy.to(inputs_embeds.dtype))

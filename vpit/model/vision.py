@@ -270,8 +270,15 @@ class VisionEncoder(nn.Module):
 
     def _patch_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.config.backend == "hf":
-            out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
-            tokens = out.hidden_states[self._block_index + 1]  # hidden_states[0] is the patch embedding
+            # The embeddings and the blocks up to the chosen one, no further: the later blocks, the post-LayerNorm
+            # and SigLIP's attention-pooling head would run for nothing.
+            vision = getattr(self.tower, "vision_model", self.tower)  # a full CLIP / SigLIP model, or its tower
+            tokens = vision.embeddings(pixel_values)  # (B, N (+1), Dv)
+            if getattr(vision, "pre_layrnorm", None) is not None:  # CLIP normalises before its first block
+                tokens = vision.pre_layrnorm(tokens)
+            for layer in vision.encoder.layers[: self._block_index + 1]:
+                out = layer(tokens, None)
+                tokens = out[0] if isinstance(out, tuple) else out
             side = math.isqrt(tokens.shape[1])
             prefix = tokens.shape[1] - side * side  # CLIP's class token; SigLIP has none
             tokens = tokens[:, prefix:]  # (B, N, Dv)

@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoint-00000120/` holds accelerate's `save_state` output (model, optimizer, scheduler,
 per-process RNG states, DeepSpeed engine state when in use), `trainer_state.json` (step, data position,
-counters, metric history) and `recipe.yaml` (the resolved recipe). A run killed while writing leaves only a
+counters, metric history), `recipe.yaml` (the resolved recipe) and what a stage's extras write (the decoder's EMA
+as safetensors: nothing of a stage's own is pickled). A run killed while writing leaves only a
 `.tmp-checkpoint-*` folder, which is ignored and removed by the next save: the previous checkpoint stays usable.
 """
 
@@ -13,7 +14,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from accelerate import Accelerator
@@ -33,6 +34,15 @@ class TrainerState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class CheckpointExtra(Protocol):
+    """State a stage keeps outside the prepared model / optimizer / scheduler, written into each checkpoint by the
+    main process and read back on resume."""
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -48,7 +58,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: Path, state: TrainerState, recipe: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    run_dir: Path,
+    state: TrainerState,
+    recipe: dict[str, Any],
+    keep: int,
+    extras: tuple[CheckpointExtra, ...] = (),
 ) -> Path:
     """Write a checkpoint for `state.step` on every process (DeepSpeed saves per-rank shards), then publish it
     with one rename on the main process and delete the oldest beyond `keep`."""
@@ -63,6 +78,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        for extra in extras:
+            extra.save(tmp)
         with (tmp / STATE_FILE).open("w") as handle:  # written last: its presence marks a complete checkpoint
             json.dump(asdict(state), handle)
             handle.flush()
@@ -96,15 +113,27 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
 
-def resume(accelerator: Accelerator, run_dir: Path, resume_from: str | None) -> TrainerState:
+def resume(
+    accelerator: Accelerator, run_dir: Path, resume_from: str | None, extras: tuple[CheckpointExtra, ...] = ()
+) -> TrainerState:
     """The state to start from: restored from the checkpoint `resume_from` points at (`auto`: the latest in the
     run folder), or a fresh one."""
     checkpoint = find_resume_point(run_dir, resume_from)
     if checkpoint is None:
         return TrainerState()
     state = load_checkpoint(accelerator, checkpoint)
+    for extra in extras:
+        extra.load(checkpoint)
     accelerator.print(f"[vpit] resumed from {checkpoint} at step {state.step}")
     return state
 
 
-__all__ = ["TrainerState", "checkpoints", "find_resume_point", "load_checkpoint", "resume", "save_checkpoint"]
+__all__ = [
+    "CheckpointExtra",
+    "TrainerState",
+    "checkpoints",
+    "find_resume_point",
+    "load_checkpoint",
+    "resume",
+    "save_checkpoint",
+]

@@ -17,7 +17,7 @@ from ..data.cards import parse_mixture
 from ..data.collator import VPiTCollator
 from ..data.dataset import SkipLog, VPiTBatches, VPiTDataset
 from ..model.assembly import assemble
-from ..model.lora import apply_lora
+from ..model.lora import apply_image_token_rows, apply_lora
 from ..model.modeling_vpit import VPiTForCausalLM, full_shape
 from ..model.processing_vpit import VPiTProcessor
 from .config import DataSection, InstructionRecipe, Recipe, check_against_config
@@ -103,37 +103,29 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             model, lora.r, lora.alpha, lora.dropout, lora.target_modules, not recipe.freeze.new_token_rows
         )
         return wrapped, processor
-    freeze(model, recipe)
-    return model, processor
+    return freeze(model, recipe), processor
 
 
-def freeze(model: VPiTForCausalLM, recipe: InstructionRecipe) -> None:
-    """Apply the recipe's freezing. With a frozen LLM the image-token rows can still train: their gradient is
-    kept and every other row's is zeroed (Adam then leaves those rows exactly unchanged)."""
+def freeze(model: VPiTForCausalLM, recipe: InstructionRecipe) -> nn.Module:
+    """Apply the recipe's freezing. With a frozen LLM the image-token rows can still train: they alone, through
+    peft's TrainableTokens, so no other row of the embedding or LM head can change and none holds optimizer state.
+    Returns the model to train (wrapped when the rows train)."""
     rules = recipe.freeze
     model.vision_tower.freeze()
     model.bridge.requires_grad_(not rules.bridge)
     model.visual_head.requires_grad_(not rules.visual_head)
     if not rules.llm:
-        return
+        return model
     model.language_model.requires_grad_(False)
     if rules.new_token_rows:
-        return
-    ids = torch.tensor(sorted(set(model.image_token_ids())))
-    matrices = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    for matrix in matrices.values():
-        weight = matrix.weight
-        assert isinstance(weight, torch.Tensor)
-        if hasattr(weight, "ds_id"):
-            raise ValueError(
-                "freeze.llm with trainable image-token rows masks embedding gradients row by row, which DeepSpeed "
-                "ZeRO-3 (partitioned parameters) does not allow; use ZeRO-2 for the bridge stage (its trainable "
-                "part is small) or set freeze.new_token_rows: true"
-            )
-        weight.requires_grad_(True)
-        rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        rows[ids] = 1
-        weight.register_hook(lambda grad, rows=rows: grad * rows.to(grad.device))
+        return model
+    if hasattr(model.get_input_embeddings().weight, "ds_id"):
+        raise ValueError(
+            "freeze.llm with trainable image-token rows trains a few rows of the embedding and LM head, which "
+            "DeepSpeed ZeRO-3 (partitioned parameters) does not support; use ZeRO-2 for the bridge stage (its "
+            "trainable part is small) or set freeze.new_token_rows: true"
+        )
+    return apply_image_token_rows(model)
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
@@ -149,7 +141,8 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
             continue
         parts = name.split(".")
         part = "bridge" if "bridge" in parts else "visual_head" if "visual_head" in parts else "llm"
-        decay = len(full_shape(param)) >= 2 and id(param) not in no_decay_params
+        rows = "trainable_tokens" in name  # token rows are embedding rows: no decay, as for the embedding
+        decay = len(full_shape(param)) >= 2 and id(param) not in no_decay_params and not rows
         groups.setdefault((part, decay), []).append(param)
     lrs = {"llm": optim.lr, "bridge": bridge_lr, "visual_head": head_lr}
     return [

@@ -356,6 +356,11 @@ class InstructionRecipe(Recipe):
             raise ValueError("model: give exactly one of `pretrained` (a VPiT folder) or `llm` (to assemble)")
         if self.stage == "bridge" and (not self.freeze.llm or self.lora.enabled):
             raise ValueError("stage 'bridge' trains the bridge with the LLM frozen: set freeze.llm: true, no lora")
+        if self.stage == "bridge" and not self.freeze.visual_head:
+            # Understanding data gives the head no gradient; left trainable, weight decay would shrink it silently.
+            raise ValueError(
+                "stage 'bridge' does not train the visual head (stage 'vpit' does): set freeze.visual_head: true"
+            )
 
 
 @dataclass(kw_only=True)

@@ -16,8 +16,10 @@ projector and the UNet train; the VAE and the encoder stay frozen.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from ..decoder.pipeline_vpit_decoder import VPiTDecoderPipeline
 from ..decoder.projector import VPiTDecoderProjector
@@ -219,6 +222,28 @@ def decoder_trainable_parameters(pipeline: VPiTDecoderPipeline) -> list[torch.nn
     return [*pipeline.unet.parameters(), *pipeline.projector.parameters()]
 
 
+class EMACheckpoint:
+    """The decoder's EMA in a checkpoint: the shadow weights as safetensors, the counters as JSON. accelerate's
+    `register_for_checkpointing` would pickle it, and a pickle is loaded with `weights_only=False`."""
+
+    WEIGHTS, COUNTERS = "ema.safetensors", "ema.json"
+
+    def __init__(self, ema: EMAModel):
+        self.ema = ema
+
+    def save(self, folder: Path) -> None:
+        state = self.ema.state_dict()
+        shadow = state.pop("shadow_params")
+        save_file({f"{i:06d}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, str(folder / self.WEIGHTS))
+        (folder / self.COUNTERS).write_text(json.dumps(state))
+
+    def load(self, folder: Path) -> None:
+        weights = load_file(str(folder / self.WEIGHTS))
+        state = json.loads((folder / self.COUNTERS).read_text())
+        state["shadow_params"] = [weights[key] for key in sorted(weights)]
+        self.ema.load_state_dict(state)
+
+
 def create_decoder_ema(
     pipeline: VPiTDecoderPipeline,
     decay: float = 0.9999,
@@ -295,6 +320,7 @@ def validation_reconstructions(
 __all__ = [
     "PREDICTION_TYPES",
     "DecoderLossOutput",
+    "EMACheckpoint",
     "create_decoder_ema",
     "decoder_loss",
     "decoder_trainable_parameters",

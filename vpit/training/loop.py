@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.collator import model_inputs
 from ..model.losses import count_loss_items
-from .checkpoint import TrainerState, save_checkpoint
+from .checkpoint import CheckpointExtra, TrainerState, save_checkpoint
 from .config import Recipe
 
 LOSS_KEYS = ("loss", "text_loss", "visual_loss")
@@ -35,6 +35,7 @@ def train_loop(
     evaluate: Callable[[int], dict[str, float]] | None = None,
     compute_loss: Callable[[dict[str, Any], int], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
     after_step: Callable[[], None] | None = None,
+    checkpoint_extras: tuple[CheckpointExtra, ...] = (),
 ) -> TrainerState:
     """Train until `recipe.train.max_steps` optimizer steps, starting from `state` (0, or a resumed checkpoint).
 
@@ -47,7 +48,7 @@ def train_loop(
 
     `compute_loss(batch, step) -> (loss, named terms)` replaces the VPiT forward (the decoder stage's: a mean per
     micro-batch, averaged over micro-batches and processes); `after_step()` runs after each optimizer step (e.g.
-    an EMA update).
+    an EMA update); `checkpoint_extras` go into every checkpoint (see `vpit.training.checkpoint`).
     """
     train, accumulation = recipe.train, recipe.optim.gradient_accumulation_steps
     world = accelerator.num_processes
@@ -118,7 +119,9 @@ def train_loop(
             window = {}
             window_steps, window_samples, window_start = 0, 0, time.perf_counter()
         if train.checkpoint_every and (state.step % train.checkpoint_every == 0) and not last:
-            save_checkpoint(accelerator, run_dir, state, recipe.to_dict(), train.keep_checkpoints)
+            save_checkpoint(
+                accelerator, run_dir, state, recipe.to_dict(), train.keep_checkpoints, extras=checkpoint_extras
+            )
         if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
             model.eval()
             results = evaluate(state.step)
@@ -133,14 +136,26 @@ def train_loop(
 def evaluate_losses(
     accelerator: Accelerator, model: nn.Module, batches: Iterator[dict[str, Any]], num_batches: int
 ) -> dict[str, float]:
-    """Mean held-out losses over `num_batches` batches of every process."""
-    sums = torch.zeros(len(LOSS_KEYS))
+    """Held-out losses over `num_batches` batches of every process, weighted as training weighs a global batch:
+    CE summed over all labelled tokens over their count, the cosine term likewise over all visual targets."""
+    sums = torch.zeros(4, dtype=torch.float64)  # CE sum, cosine-distance sum, labelled tokens, visual targets
     with torch.no_grad():
         for _ in range(num_batches):
-            out = model(**model_inputs(next(batches)))
-            sums += torch.tensor([float(getattr(out, k)) for k in LOSS_KEYS])
-    mean = accelerator.reduce((sums / num_batches).to(accelerator.device), reduction="mean").cpu()
-    return {f"eval_{k}": float(mean[i]) for i, k in enumerate(LOSS_KEYS)}
+            batch = next(batches)
+            out = model(**model_inputs(batch), num_items_in_batch=1, num_visual_items_in_batch=1)  # sums
+            counts = count_loss_items(batch["labels"], batch["visual_target_mask"])
+            sums += torch.tensor([float(out.text_loss), float(out.visual_loss), *counts.tolist()], dtype=torch.float64)
+    total = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    text, visual = float(total[0] / max(total[2], 1)), float(total[1] / max(total[3], 1))
+    weight = float(_config(accelerator, model).visual_loss_weight)
+    return {"eval_loss": text + weight * visual, "eval_text_loss": text, "eval_visual_loss": visual}
+
+
+def _config(accelerator: Accelerator, model: nn.Module) -> Any:
+    """The VPiT config behind a prepared (DeepSpeed / DDP) and possibly peft-wrapped model."""
+    unwrapped = accelerator.unwrap_model(model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    return base.config
 
 
 def plot_loss_curve(history: list[dict[str, float]], path: Path) -> Path | None:

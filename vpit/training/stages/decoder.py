@@ -25,11 +25,13 @@ from ...data.cards import parse_mixture
 from ...data.records import RecordError, Sample, load_record_image
 from ...decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel
 from ...hub import push_folder, write_model_card
+from ...model.configuration_vpit import VPiTConfig, VPiTVisionConfig
+from ...model.modeling_vpit import VPiTForCausalLM
 from ...toy.decoder import toy_decoder_components
 from ..checkpoint import resume
 from ..components import build_accelerator, build_image_batches, build_scheduler
 from ..config import DecoderRecipe, check_against_config
-from ..diffusion import create_decoder_ema, decoder_loss, validation_reconstructions
+from ..diffusion import EMACheckpoint, create_decoder_ema, decoder_loss, validation_reconstructions
 from ..evaluation import held_out_samples
 from ..loop import plot_loss_curve, train_loop
 
@@ -73,14 +75,12 @@ def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
     encoder from the VPiT model (`model.pretrained`) or the vision spec (`model.vision*`)."""
     spec, settings = recipe.model, recipe.decoder
     if spec.pretrained is not None:
-        from ...model.modeling_vpit import VPiTForCausalLM
-
-        vpit_model = VPiTForCausalLM.from_pretrained(spec.pretrained)
-        check_against_config(spec, vpit_model.config, ("num_visual_tokens", "pooling"), spec.pretrained)
-        encoder = VPiTVisionEncoderModel.from_vision_encoder(vpit_model.vision_tower)
+        check_against_config(
+            spec, VPiTConfig.from_pretrained(spec.pretrained), ("num_visual_tokens", "pooling"), spec.pretrained
+        )
+        # The encoder alone: the decoder never needs the language model's weights.
+        encoder = VPiTVisionEncoderModel.from_vision_encoder(VPiTForCausalLM.load_vision_encoder(spec.pretrained))
     else:
-        from ...model.configuration_vpit import VPiTVisionConfig
-
         vision = VPiTVisionConfig(
             backend=spec.vision_backend,
             model_name=spec.vision,
@@ -172,11 +172,12 @@ def run(recipe: DecoderRecipe) -> Path:
     scheduler = build_scheduler(optimizer, recipe)
     ema = create_decoder_ema(pipeline, decay=settings.ema_decay) if settings.ema_decay is not None else None
     model, optimizer, scheduler = accelerator.prepare(trainable, optimizer, scheduler)
+    extras: tuple[EMACheckpoint, ...] = ()
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        extras = (EMACheckpoint(ema),)
 
-    state = resume(accelerator, run_dir, recipe.train.resume)
+    state = resume(accelerator, run_dir, recipe.train.resume, extras)
 
     rank, world = accelerator.process_index, accelerator.num_processes
     if pipeline.vision_encoder is None:
@@ -241,6 +242,7 @@ def run(recipe: DecoderRecipe) -> Path:
         evaluate,
         compute_loss=compute_loss,
         after_step=after_step,
+        checkpoint_extras=extras,
     )
 
     # The final folder: the pipeline with the EMA weights, loadable with DiffusionPipeline.from_pretrained.

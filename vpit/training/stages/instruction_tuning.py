@@ -18,6 +18,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from peft import PeftModel
 from PIL import Image
 from torch import nn
 
@@ -67,7 +68,7 @@ def run(recipe: InstructionRecipe) -> Path:
     loader = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch)
     evaluate = None
     if recipe.data.eval_mixture and recipe.train.eval_every:
-        evaluate = _evaluator(accelerator, model, processor, recipe, run_dir)
+        evaluate = periodic_evaluation(accelerator, model, processor, recipe, run_dir)
 
     state = train_loop(accelerator, model, iter(loader), optimizer, scheduler, recipe, run_dir, state, evaluate)
     final = finish(accelerator, model, processor, recipe, run_dir, state, lora_base)
@@ -99,6 +100,8 @@ def finish(
             assert lora_base is not None, "a LoRA run saves its base model first"
             unwrapped.save_pretrained(run_dir / "adapter", state_dict=state_dict)
             merge_lora(load_lora(lora_base, run_dir / "adapter")).save_pretrained(final)
+        elif isinstance(unwrapped, PeftModel):  # the bridge stage's image-token rows (TrainableTokens)
+            merge_lora(unwrapped).save_pretrained(final)
         else:
             unwrapped.save_pretrained(final, state_dict=state_dict)
         processor.save_pretrained(final)
@@ -127,7 +130,7 @@ def finish(
     return final
 
 
-def _evaluator(
+def periodic_evaluation(
     accelerator: Accelerator, model: Any, processor: VPiTProcessor, recipe: InstructionRecipe, run_dir: Path
 ) -> Callable[[int], dict[str, float]]:
     """Held-out losses and answer accuracy every `train.eval_every` steps, plus a grid of generated images when
