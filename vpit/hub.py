@@ -124,6 +124,15 @@ def _public(value: Any) -> Any:
     return value
 
 
+def _metrics_and_training(metrics: dict[str, float] | None, training_config: dict[str, Any] | None) -> tuple[str, str]:
+    """A card's metric rows and its training-configuration section (local paths removed)."""
+    rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
+    if training_config is None:
+        return rows, ""
+    public = json.dumps(_public(training_config), indent=2)
+    return rows, "\n## Training configuration\n\n```json\n" + public + "\n```\n"
+
+
 def _vision_hub_id(vision: dict[str, Any]) -> str | None:
     if vision.get("backend") == "open_clip" and vision.get("pretrained"):
         import open_clip
@@ -165,11 +174,7 @@ def build_model_card(
             *(tags or []),
         ],
     )
-    extra_rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
-    training = ""
-    if training_config is not None:
-        public = json.dumps(_public(training_config), indent=2)
-        training = "\n## Training configuration\n\n```json\n" + public + "\n```\n"
+    extra_rows, training = _metrics_and_training(metrics, training_config)
     text = MODEL_CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=repo_id.split("/")[-1],
@@ -266,11 +271,7 @@ def build_decoder_model_card(
     if source:
         unet_row += f" (from `{_public(source)}`)"
     tokens_out = projector.get("num_queries") or projector["num_visual_tokens"]
-    extra_rows = "".join(f"| {name} | {value} |\n" for name, value in (metrics or {}).items())
-    training = ""
-    if training_config is not None:
-        public = json.dumps(_public(training_config), indent=2)
-        training = "\n## Training configuration\n\n```json\n" + public + "\n```\n"
+    extra_rows, training = _metrics_and_training(metrics, training_config)
     text = DECODER_CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=f"VPiT decoder — {repo_id}" if repo_id else "VPiT decoder",

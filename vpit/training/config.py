@@ -28,18 +28,17 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class ModelSection:
-    """Where the model comes from: a saved VPiT folder, or an LLM + a vision encoder to assemble."""
+class EncoderSection:
+    """The frozen vision encoder: a saved VPiT folder's (`pretrained`), or a spec to build it from. Stage `decoder`
+    reads this section; the instruction-tuning stages read `ModelSection`, which adds the LLM side."""
 
     pretrained: str | None = field(
-        default=None, metadata=_help("a saved VPiT folder to start from (e.g. the bridge stage's output)")
-    )
-    llm: str | None = field(
-        default=None, metadata=_help("Hub id or folder of the causal LLM to assemble with (when not `pretrained`)")
+        default=None,
+        metadata=_help("a saved VPiT folder to start from (e.g. the bridge stage's output); it defines the encoder"),
     )
     vision: str = field(
         default="ViT-SO400M-14-SigLIP-384",
-        metadata=_help("vision encoder: open_clip name / hf-hub: / local-dir:, or an HF id"),
+        metadata=_help("when not `pretrained`: open_clip name / hf-hub: / local-dir:, or an HF id"),
     )
     vision_backend: str = field(default="open_clip", metadata=_help("'open_clip' or 'hf'"))
     vision_pretrained: str | None = field(default=None, metadata=_help("open_clip pretrained tag or weights file"))
@@ -49,12 +48,24 @@ class ModelSection:
     num_visual_tokens: int | None = field(
         default=None,
         metadata=_help(
-            "K, visual tokens per image (a square; 64 when assembling). With `pretrained`, the folder's config holds "
+            "K, visual tokens per image (a square; 64 when building). With `pretrained`, the folder's config holds "
             "K: a value given here must equal it"
         ),
     )
     pooling: str | None = field(
         default=None, metadata=_help("'bilinear' (default) or 'avg'; with `pretrained`, must equal the folder's")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
+    )
+
+
+@dataclass
+class ModelSection(EncoderSection):
+    """Where the model comes from: a saved VPiT folder, or an LLM + a vision encoder to assemble."""
+
+    llm: str | None = field(
+        default=None, metadata=_help("Hub id or folder of the causal LLM to assemble with (when not `pretrained`)")
     )
     bridge: str | None = field(
         default=None,
@@ -71,38 +82,6 @@ class ModelSection:
         metadata=_help("weights dtype: float32 / bfloat16 / float16 (mixed precision is train.mixed_precision)"),
     )
     attn_implementation: str = field(default="sdpa", metadata=_help("'sdpa', 'eager' or 'flash_attention_2'"))
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
-    )
-
-
-@dataclass
-class EncoderSection:
-    """The frozen vision encoder the decoder is conditioned on (stage `decoder`): a VPiT folder's, or a spec."""
-
-    pretrained: str | None = field(
-        default=None,
-        metadata=_help("a saved VPiT folder whose vision encoder defines the visual tokens (the usual choice)"),
-    )
-    vision: str = field(
-        default="ViT-SO400M-14-SigLIP-384",
-        metadata=_help("when not `pretrained`: open_clip name / hf-hub: / local-dir:, or an HF id"),
-    )
-    vision_backend: str = field(default="open_clip", metadata=_help("'open_clip' or 'hf'"))
-    vision_pretrained: str | None = field(default=None, metadata=_help("open_clip pretrained tag or weights file"))
-    feature_layer: int = field(
-        default=-1, metadata=_help("encoder block giving the patch tokens (-1: last, before the final norm)")
-    )
-    num_visual_tokens: int | None = field(
-        default=None,
-        metadata=_help("K (64 by default); with `pretrained`, the folder's config holds K: a value here must equal it"),
-    )
-    pooling: str | None = field(
-        default=None, metadata=_help("'bilinear' (default) or 'avg'; with `pretrained`, must equal the folder's")
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("allow model code from the Hub (off unless you set it)")
-    )
 
 
 @dataclass
