@@ -81,6 +81,22 @@ def _mfu(r: dict[str, Any]) -> list[Row]:
     return [
         Row("mfu", f"VPiT throughput ({where})", f"{r['tokens_per_s']:.0f} tokens/s", "-", None),
         Row("mfu", f"MFU vs measured matmul peak ({where})", f"{r['mfu']:.1%}", "-", None),
+        Row(
+            "mfu",
+            f"MFU vs the device's published peak ({where})",
+            "-" if r.get("mfu_spec") is None else f"{r['mfu_spec']:.1%}",
+            "-",
+            None,
+        ),
+    ]
+
+
+def _memory(r: dict[str, Any]) -> list[Row]:
+    step, loss = r["vpit_vs_llava"], r["loss_vpit_vs_hf"]
+    vocab = f"{r['vocab'] // 1000}k vocabulary"
+    return [
+        Row("memory", f"VPiT / LLaVA step peak memory, {vocab}", f"{step:.3f}x", "<= 1.05x", step <= 1.05),
+        Row("memory", f"VPiT / HF loss head peak memory, {vocab}", f"{loss:.3f}x", "<= 1x", loss <= 1.0),
     ]
 
 
@@ -97,6 +113,7 @@ BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]
     "training_step": ([], "training_step.json", _training_step),
     "mfu": (["--device", "cpu"], "mfu_cpu.json", _mfu),
     "zero3_memory": ([], "zero3_memory.json", _zero3),
+    "memory": ([], "memory.json", _memory),
 }
 
 

@@ -36,3 +36,54 @@ def test_text_loss_is_shifted_and_ignores_minus_100():
 def test_text_loss_with_no_labelled_token_is_zero_not_nan():
     loss = text_loss(torch.randn(1, 4, 7), torch.full((1, 4), -100))
     assert loss.item() == 0.0
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_without_a_full_fp32_copy(monkeypatch):
+    """The CE is summed a chunk of rows at a time, recomputed in backward: same value and gradient as one fp32 CE."""
+    import vpit.model.losses as losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[::5] = -100
+    reference = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    (grad_ref,) = torch.autograd.grad(reference, logits)
+    monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", 50 * 8)  # 8 rows a chunk: 5 chunks
+    chunks = []
+    monkeypatch.setattr(losses, "_ce_sum", lambda x, y: chunks.append(x.shape[0]) or _plain(x, y))
+    total = losses.cross_entropy_sum(logits, targets)
+    (grad,) = torch.autograd.grad(total, logits)
+    assert chunks[:5] == [8, 8, 8, 8, 5] and total.dtype == torch.float32
+    torch.testing.assert_close(total, reference, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+
+
+def _plain(x, y):
+    return torch.nn.functional.cross_entropy(x.float(), y, ignore_index=-100, reduction="sum")
+
+
+def test_loss_only_logits_give_the_same_loss_and_gradients(tiny_vpit):
+    """return_logits=False: the LM head runs at the labelled positions only, the loss and gradients are unchanged,
+    and the LLM is never asked for every layer's hidden states."""
+    from conftest import GENERATION, UNDERSTANDING, encode_conversations
+
+    model, processor = tiny_vpit
+    batch = encode_conversations(processor, [UNDERSTANDING, GENERATION], [[None], [None]])
+    full = model(**batch)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    seen = {}
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda m, i, o: seen.update(rows=i[0].shape[1]))  # returns None: output kept
+    model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(asked=kwargs.get("output_hidden_states")), with_kwargs=True
+    )
+    lean = model(**batch, return_logits=False)
+    lean.loss.backward()
+    assert lean.logits is None and seen["asked"] is None
+    labelled = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())
+    assert seen["rows"] == labelled < batch["input_ids"].shape[1]
+    torch.testing.assert_close(lean.loss, full.loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)

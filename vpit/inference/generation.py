@@ -33,7 +33,6 @@ at a time, no KV cache, the whole prefix recomputed at every step), with the sta
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -268,9 +267,7 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _llm_kwargs(model: VPiTForCausalLM) -> dict[str, Any]:
     # Only the last position's logits are needed; the LLM skips the (B, T, V) projection when it supports it.
-    if "logits_to_keep" in inspect.signature(model.language_model.forward).parameters:
-        return {"logits_to_keep": 1}
-    return {}
+    return {"logits_to_keep": 1} if model.keeps_some_logits() else {}
 
 
 def _split_images(
@@ -427,27 +424,23 @@ def generate(
         if finished_here:
             # Call every module the other processes call (a one-position forward, the head, the bridge), record
             # nothing, until all of them are done.
-            idle = model.language_model(
-                inputs_embeds=step_embeds[:, -1:], use_cache=False, output_hidden_states=True, return_dict=True
-            )
-            model.bridge(model.predict_visual(idle.hidden_states[-1][:, -1]).to(step_embeds.dtype))
+            _, idle = model.run_language_model(inputs_embeds=step_embeds[:, -1:], use_cache=False, **llm_kwargs)
+            model.bridge(model.predict_visual(idle[:, -1]).to(step_embeds.dtype))
             if _all_done(True, device):
                 break
             continue
         positions = _positions(attention_mask)  # (B, T')
         feed = step_embeds if use_cache else all_embeds
-        out = model.language_model(
+        out, hidden = model.run_language_model(
             inputs_embeds=feed,
             # An all-ones mask says nothing; leaving it out spares the LLM rebuilding it at every step.
             attention_mask=attention_mask if padded else None,
             position_ids=positions[:, -feed.shape[1] :],
             past_key_values=cache,
             use_cache=use_cache,
-            output_hidden_states=True,
-            return_dict=True,
             **llm_kwargs,
         )
-        h_last = out.hidden_states[-1][:, -1]  # (B, H), the LM head's input at the newest position
+        h_last = hidden[:, -1]  # (B, H), the LM head's input at the newest position
 
         visual = (visual_left > 0) & ~done  # (B,)
         text = ~(visual | end_pending | done)

@@ -11,6 +11,7 @@ Dimension letters: see `vpit.model.configuration_vpit`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers.utils import ModelOutput
 
 from .adapters import build_bridge, build_visual_head
 from .configuration_vpit import VPiTConfig
-from .losses import IGNORE_INDEX, cosine_loss, text_loss
+from .losses import IGNORE_INDEX, cosine_loss, labelled_positions, text_loss
 from .processing_vpit import token_id
 from .vision import VisionEncoder
 
@@ -350,6 +351,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_visual_items_in_batch: int | torch.Tensor | None = None,
+        return_logits: bool = True,
         output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> VPiTCausalLMOutput:
@@ -365,6 +367,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             num_items_in_batch: labelled-token count of the whole global batch (over processes and accumulated
                 micro-batches); the text loss is then this batch's CE sum over it. Default: this batch's count.
             num_visual_items_in_batch: the same for the visual targets and the cosine loss.
+            return_logits: False (with labels): the LM head runs only at the positions whose next token is
+                labelled, and `logits` is None; the training loop's choice, which spares the (B, T, V) logits of
+                the prompts (and of a 128k vocabulary's padding).
 
         Returns:
             `VPiTCausalLMOutput` with `loss`, `text_loss`, `visual_loss`, `logits` and the visual predictions.
@@ -379,18 +384,21 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             # Training needs no KV cache, and transformers builds the block-diagonal mask of packed rows (position
             # ids restarting per sample) only when there is none: a default cache would let samples attend across.
             use_cache = False
-        outputs = self.language_model(
+        positions = labelled_positions(labels) if labels is not None and not return_logits else None  # (P,)
+        if positions is not None and self.keeps_some_logits():
+            kwargs["logits_to_keep"] = positions  # the LM head runs at these positions only
+        outputs, hidden = self.run_language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            output_hidden_states=True,
-            return_dict=True,
+            output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        logits = outputs.logits  # (B, T, V)
-        hidden = outputs.hidden_states[-1]  # (B, T, H), after the final norm: the LM head's input
+        logits = outputs.logits  # (B, T, V), or (B, P, V) at `positions`
+        if positions is not None and "logits_to_keep" not in kwargs:
+            logits = logits[:, positions]
 
         loss = t_loss = v_loss = predictions = targets = None
         if labels is not None:
@@ -406,7 +414,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 visual_target_mask = self.response_slot_mask(input_ids, labels)
             elif bool((visual_target_mask & ~slot_mask).any()):
                 raise ValueError("visual_target_mask marks positions that are not image slots")
-            t_loss = text_loss(logits, labels, num_items_in_batch)
+            t_loss = text_loss(logits, labels, num_items_in_batch, positions)
             # Next-token shift: the hidden state at t - 1 predicts the visual token at slot t.
             predictions = self.predict_visual(hidden[:, :-1][visual_target_mask[:, 1:]])  # (M, Dv)
             if z is None:
@@ -420,13 +428,40 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             loss=loss,
             text_loss=t_loss,
             visual_loss=v_loss,
-            logits=logits,
+            logits=logits if positions is None else None,
             visual_predictions=predictions,
             visual_targets=targets,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=getattr(outputs, "attentions", None),
         )
+
+    def keeps_some_logits(self) -> bool:
+        """Whether the LLM's forward takes `logits_to_keep` (every transformers causal LM of this generation does)."""
+        return "logits_to_keep" in inspect.signature(self.language_model.forward).parameters
+
+    def run_language_model(self, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        """The LLM's forward (kwargs as its own: inputs_embeds, attention_mask, cache, `logits_to_keep`, ...) and its
+        last hidden state (B, T, H) after the final norm, the LM head's input, which the visual head reads.
+
+        The hidden state is taken from the LLM's decoder output by a forward hook rather than by asking for every
+        layer's hidden states (`output_hidden_states=True` would keep all of them alive to return one).
+        """
+        decoder = self.language_model.base_model
+        if decoder is self.language_model:  # no separate decoder module: ask for the hidden states
+            outputs = self.language_model(**{**kwargs, "output_hidden_states": True, "return_dict": True})
+            return outputs, outputs.hidden_states[-1]
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        handle = decoder.register_forward_hook(keep)
+        try:
+            outputs = self.language_model(**{**kwargs, "return_dict": True})
+        finally:
+            handle.remove()
+        return outputs, captured[-1]
 
     # ------------------------------------------------------------------------------------------ generation
 

@@ -3,7 +3,7 @@
 A checkpoint folder `checkpoint-00000120/` holds accelerate's `save_state` output (model, optimizer, scheduler,
 per-process RNG states, DeepSpeed engine state when in use), `trainer_state.json` (step, data position,
 counters, metric history), `recipe.yaml` (the resolved recipe) and what a stage's extras write (the decoder's EMA
-as safetensors: nothing of a stage's own is pickled). A run killed while writing leaves only a
+as safetensors: no object of a stage is serialised by torch.save). A run killed while writing leaves only a
 `.tmp-checkpoint-*` folder, which is ignored and removed by the next save: the previous checkpoint stays usable.
 """
 

@@ -224,7 +224,7 @@ def decoder_trainable_parameters(pipeline: VPiTDecoderPipeline) -> list[torch.nn
 
 class EMACheckpoint:
     """The decoder's EMA in a checkpoint: the shadow weights as safetensors, the counters as JSON. accelerate's
-    `register_for_checkpointing` would pickle it, and a pickle is loaded with `weights_only=False`."""
+    `register_for_checkpointing` would torch.save it as an object, which loading reads with `weights_only=False`."""
 
     WEIGHTS, COUNTERS = "ema.safetensors", "ema.json"
 

@@ -61,6 +61,7 @@ def train_loop(
                 **model_inputs(batch),
                 num_items_in_batch=global_counts[0],
                 num_visual_items_in_batch=global_counts[1],
+                return_logits=False,  # the LM head runs only where a label follows
             )
             return out.loss * (world * accumulation), {key: getattr(out, key) for key in LOSS_KEYS}
 
@@ -142,7 +143,7 @@ def evaluate_losses(
     with torch.no_grad():
         for _ in range(num_batches):
             batch = next(batches)
-            out = model(**model_inputs(batch), num_items_in_batch=1, num_visual_items_in_batch=1)  # sums
+            out = model(**model_inputs(batch), num_items_in_batch=1, num_visual_items_in_batch=1, return_logits=False)
             counts = count_loss_items(batch["labels"], batch["visual_target_mask"])
             sums += torch.tensor([float(out.text_loss), float(out.visual_loss), *counts.tolist()], dtype=torch.float64)
     total = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
