@@ -1,8 +1,9 @@
 """Two processes on CPU (gloo) under DeepSpeed ZeRO-2 and ZeRO-3, launched with the shipped accelerate configs.
 
-Shows: parameters / optimizer state are partitioned; each rank reads different samples; the loss matches a
-single-process run on the same global batch; text-only and image batches mixed across ranks run 100 steps
-without hanging; the saved model loads in a plain process (no DeepSpeed).
+Shows: parameters / optimizer state are partitioned; each rank reads different samples; the loss and the learning
+rate match a single-process run on the true global batch (warm-up + cosine, 2 micro-batches per step); text-only
+and image batches mixed across ranks run 50 steps with periodic evaluation without hanging; the saved model loads
+in a plain process (no DeepSpeed).
 """
 
 import json
@@ -22,7 +23,7 @@ from vpit.training.components import build_batches, build_model, build_optimizer
 from vpit.training.config import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 100
+STEPS = 50
 COMPARED_STEPS = 10
 TOLERANCE = 1e-5  # fp32 on CPU; the only difference is the order of the cross-rank reductions
 
@@ -130,7 +131,7 @@ def test_zero_two_ranks(stage, tiny_llama, tiny_clip, text_card, tmp_path):
     positions = [{p for step in rank["seen"] for p in step["positions"]} for rank in ranks]
     assert not positions[0] & positions[1]
     assert positions[0] | positions[1] == set(range(2 * accumulation * STEPS))
-    # 100 steps, many of them with a text-only batch on one rank and images on the other: no hang.
+    # 50 steps of 2 micro-batches, many with a text-only batch on one rank and images on the other: no hang.
     assert len(r0["seen"]) == len(r1["seen"]) == accumulation * STEPS
     mixed = sum((a["images"] == 0) != (b["images"] == 0) for a, b in zip(r0["seen"], r1["seen"], strict=True))
     assert mixed >= 20
@@ -147,7 +148,7 @@ def test_zero_two_ranks(stage, tiny_llama, tiny_clip, text_card, tmp_path):
     # Periodic evaluation under ZeRO-3 as under ZeRO-2, on held-out batches that differ across ranks: every rank ran
     # it at the same steps (a module called on one rank only would have hung the run) and logged the same figures.
     evals = [[h for h in rank["history"] if "eval_loss" in h] for rank in ranks]
-    assert [h["step"] for h in evals[0]] == [h["step"] for h in evals[1]] == [25.0, 50.0, 75.0, 100.0]
+    assert [h["step"] for h in evals[0]] == [h["step"] for h in evals[1]] == [25.0, 50.0]
     for a, b in zip(*evals, strict=True):
         assert a == pytest.approx(b) and a["eval_loss"] > 0 and "eval_answer_accuracy" in a
     # The gathered final model is a plain folder (no DeepSpeed shards) that loads without DeepSpeed.

@@ -140,3 +140,27 @@ def test_torch_threads_key_sets_torch_threads(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.3])
+def test_model_initializer_range_sets_the_new_bridge_and_head(std, tiny_llama, tiny_clip, tmp_path):
+    from vpit.training.components import build_model
+
+    recipe = recipe_from_dict(
+        {
+            "stage": "vpit",
+            "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "initializer_range": std},
+            "data": {"mixture": [{"card": "x.yaml"}]},
+        }
+    )
+    model, processor = build_model(recipe)
+    assert model.config.initializer_range == std
+    weight = model.bridge[0].weight
+    assert abs(weight.std().item() - std) < 0.15 * std
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"model.initializer_range is 0.5 but .* was saved with initializer_range="):
+        build_model(
+            recipe_from_dict({**recipe.to_dict(), "model": {"pretrained": str(folder), "initializer_range": 0.5}})
+        )

@@ -73,9 +73,8 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             trust_remote_code=spec.trust_remote_code,
         )
         processor = VPiTProcessor.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
-        check_against_config(
-            spec, model.config, ("num_visual_tokens", "pooling", "bridge", "visual_head"), spec.pretrained
-        )
+        architecture = ("num_visual_tokens", "pooling", "bridge", "visual_head", "initializer_range")
+        check_against_config(spec, model.config, architecture, spec.pretrained)
         if spec.visual_loss_weight is not None:  # a loss weight, not architecture: the recipe sets it for its stage
             model.config.visual_loss_weight = spec.visual_loss_weight
     else:
@@ -91,7 +90,14 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             trust_remote_code=spec.trust_remote_code,
             **{
                 key: getattr(spec, key)
-                for key in ("num_visual_tokens", "pooling", "bridge", "visual_head", "visual_loss_weight")
+                for key in (
+                    "num_visual_tokens",
+                    "pooling",
+                    "bridge",
+                    "visual_head",
+                    "visual_loss_weight",
+                    "initializer_range",
+                )
                 if getattr(spec, key) is not None  # unset: VPiTConfig's default
             },
         )

@@ -77,6 +77,10 @@ class ModelSection(EncoderSection):
     visual_loss_weight: float | None = field(
         default=None, metadata=_help("lambda of the cosine loss (1.0); with `pretrained`, replaces the folder's")
     )
+    initializer_range: float | None = field(
+        default=None,
+        metadata=_help("std of the new bridge and head weights when assembling (0.02, transformers' default)"),
+    )
     dtype: str | None = field(
         default=None,
         metadata=_help("weights dtype: float32 / bfloat16 / float16 (mixed precision is train.mixed_precision)"),
