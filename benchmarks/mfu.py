@@ -21,8 +21,8 @@ machines are shared, and CPU time is what the work cost whatever else ran); on c
 `torch.cuda.synchronize()` calls.
 
 Model FLOPs per step (the usual count: matmuls only; norms, activations, softmax and the optimizer are overhead):
-    LLM      6 * N_llm * B*T  +  6 * L * d_attn * T * B*T   (N_llm: the LLM's Linear weights, LM head included,
-             the embedding lookup not; attention is causal, so each position attends to half the row on average:
+    LLM      6 * N_llm * B*T  +  6 * N_head * B*P  +  6 * L * d_attn * T * B*T   (N_llm: the LLM's Linear weights
+             but the LM head, N_head; P: positions a label follows; the embedding lookup not counted; attention is causal, so each position attends to half the row on average:
              half PaLM's full-row 12 * L * d_attn * T; d_attn = heads x head dim)
     bridge   6 * N_bridge * I*K          head  6 * N_head * M   (M: response slots)
     encoder  I * (2 * N_enc * P + 4 * L_enc * D_enc * P^2)   (frozen: forward only; N_enc: the Linear and patch-
@@ -31,8 +31,8 @@ Model FLOPs per step (the usual count: matmuls only; norms, activations, softmax
 MFU = model FLOPs per step / step time / peak, against both peaks: the matmul measured here, and the device's
 published dense peak (bf16 tensor cores on the GPUs of `SPEC_PEAK_TFLOPS`; none for a CPU, whose virtual cores
 publish none). No goal: the figure tracks regressions; the cuda figure is the one that says how well VPiT uses a
-GPU. The step is the training loop's (`return_logits=False`: the LM head runs where a label follows; the count
-above still charges it for every position, as MFU conventions do).
+GPU. The step is the training loop's (`return_logits=False`): the LM head runs, and is counted, only at the
+positions a label follows (every row at those positions), the rest of the LLM at every token.
 """
 
 from __future__ import annotations
@@ -226,8 +226,12 @@ def model_flops(model: vpit.VPiTForCausalLM, size: Size, batch: dict[str, torch.
     patches = (int(size.vision["image_size"]) // int(size.vision["patch_size"])) ** 2
     d_enc = int(size.vision["hidden_size"])
     assert int((batch["input_ids"] == slot).sum()) == images * k
+    head = model.language_model.get_output_embeddings()
+    head_weights = matmul_weights(head)
+    kept = b * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())  # rows x positions the LM head runs at
     return {
-        "llm": 6.0 * matmul_weights(model.language_model) * tokens,
+        "llm": 6.0 * (matmul_weights(model.language_model) - head_weights) * tokens,
+        "lm_head": 6.0 * head_weights * kept,  # the loop runs the LM head only where a label follows
         "llm_attention": 6.0 * int(llm["num_hidden_layers"]) * d_attn * t * tokens,  # causal: half the row
         "bridge": 6.0 * matmul_weights(model.bridge) * images * k,
         "visual_head": 6.0 * matmul_weights(model.visual_head) * responses * k,
