@@ -42,7 +42,7 @@ class VPiTCausalLMOutput(ModelOutput):
         loss: text_loss + visual_loss_weight * visual_loss, when labels are given.
         text_loss: next-token CE over labelled tokens (response text and image boundary tokens).
         visual_loss: mean(1 - cos) over response visual slots; exactly 0 when the batch has none.
-        logits: (B, T, V).
+        logits: (B, T, V); None when the forward was asked for the loss only (`return_logits=False`).
         visual_predictions: (M, Dv) head outputs (normalised if configured) for the M response slots.
         visual_targets: (M, Dv) the encoder tokens they were trained towards.
         past_key_values / hidden_states / attentions: as returned by the LLM.
