@@ -8,8 +8,10 @@ model to OUT/run/final.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate.utils import set_seed
@@ -79,27 +81,24 @@ def main(out: Path, llm: str, clip: str, text_card: str, steps: int) -> None:
             "tracking": {"report_to": []},
         }
     )
+    fsdp_on_cpu = os.environ.get("ACCELERATE_USE_FSDP") == "true" and not torch.cuda.is_available()
+    if fsdp_on_cpu:  # accelerate 1.15 would refuse (see check_launch): set up plain CPU processes over gloo instead
+        del os.environ["ACCELERATE_USE_FSDP"]
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     accelerator = build_accelerator(recipe)
     set_seed(recipe.train.seed)
     model, processor = build_model(recipe)
+    if fsdp_on_cpu:  # ... and shard the model as accelerate's FSDP2 prepare does on GPUs, with the launch's settings
+        model = _fully_shard_as_accelerate(accelerator, model)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    # What ZeRO did to the parameters and optimizer state on this rank.
-    engine = model
-    stage = engine.zero_optimization_stage()
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    if stage == 3:
-        local_params = sum(p.ds_tensor.numel() for p in params)
+    if fsdp_on_cpu:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     else:
-        local_params = sum(p.numel() for p in params)
-    zero_optimizer = engine.optimizer
-    partitions = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
-    if partitions is None:  # ZeRO-3
-        partitions = zero_optimizer.fp32_partitioned_groups_flat
-    local_optimizer = sum(p.numel() for p in partitions)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # What the engine did to the parameters and optimizer state on this rank.
+    stage, total, local_params = _sharding(accelerator, model)
 
     loader = build_batches(
         recipe.data, processor, accelerator.process_index, accelerator.num_processes, Path(recipe.train.output_dir)
@@ -128,11 +127,53 @@ def main(out: Path, llm: str, clip: str, text_card: str, steps: int) -> None:
         "stage": stage,
         "trainable_params": total,
         "local_params": local_params,
-        "local_optimizer_elements": local_optimizer,
+        "local_optimizer_elements": _optimizer_elements(accelerator, model, optimizer),
         "seen": seen,
         "history": state.history,
     }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
+
+
+def _fully_shard_as_accelerate(accelerator, model):
+    """accelerate's own FSDP2 preparation (`fsdp2_prepare_model`: the wrap policy from `_no_split_modules`, the
+    embedding and LM-head units, the root), with the plugin read from the launch config's FSDP_* variables."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2, "launch with recipes/accelerate/fsdp2.yaml"
+    shim = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        torch_device_mesh=None,
+        mixed_precision=accelerator.mixed_precision,
+        is_main_process=accelerator.is_main_process,
+        device=accelerator.device,
+    )
+    return fsdp2_prepare_model(shim, model)
+
+
+def _sharding(accelerator, model) -> tuple[str, int, int]:
+    """(engine, trainable parameters in all, trainable parameter elements held on this rank)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        stage = model.zero_optimization_stage()
+        params = [p for p in model.module.parameters() if p.requires_grad]
+        local = sum(p.ds_tensor.numel() if stage == 3 else p.numel() for p in params)
+        return f"zero{stage}", sum(getattr(p, "ds_numel", p.numel()) for p in params), local
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2: DTensor shards
+    return "fsdp2", sum(p.numel() for p in params), sum(p.to_local().numel() for p in params)
+
+
+def _optimizer_elements(accelerator, model, optimizer) -> int:
+    """Elements of AdamW's first moment held on this rank (after training)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        zero = model.optimizer
+        partitions = getattr(zero, "single_partition_of_fp32_groups", None)
+        if partitions is None:  # ZeRO-3
+            partitions = zero.fp32_partitioned_groups_flat
+        return sum(p.numel() for p in partitions)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    states = [s["exp_avg"] for s in inner.state.values()]
+    return sum((s.to_local() if hasattr(s, "to_local") else s).numel() for s in states)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Two processes on CPU (gloo) under DeepSpeed ZeRO-2 and ZeRO-3, launched with the shipped accelerate configs.
+"""Two processes on CPU (gloo) under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, launched with the shipped accelerate configs.
+
+FSDP2: accelerate 1.15 enables FSDP on accelerator devices only, so on CPUs the probe shards the model with
+accelerate's own FSDP2 preparation (`fsdp2_prepare_model`, settings from recipes/accelerate/fsdp2.yaml) under a gloo
+process group; vpit's loop, evaluation, generation and final save run unchanged. A plain FSDP launch on CPUs fails
+loudly (`check_launch`).
 
 Shows: parameters / optimizer state are partitioned; each rank reads different samples; the loss and the learning
 rate match a single-process run on the true global batch (warm-up + cosine, 2 micro-batches per step); text-only
@@ -45,14 +50,23 @@ def text_card(tmp_path_factory):
     return folder / "text.yaml"
 
 
-def _launch(stage, out, tiny_llama, tiny_clip, text_card):
+CONFIGS = {
+    "zero2": "recipes/accelerate/deepspeed_zero2.yaml",
+    "zero3": "recipes/accelerate/deepspeed_zero3.yaml",
+    "fsdp2": "recipes/accelerate/fsdp2.yaml",
+}
+
+
+def _launch(engine, out, tiny_llama, tiny_clip, text_card):
     command = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--config_file",
-        f"recipes/accelerate/deepspeed_zero{stage}.yaml",
+        CONFIGS[engine],
         "--num_processes",
         "2",
+        "--mixed_precision",
+        "no",  # fp32: the comparison with one process is to 1e-5
         "tests/distributed_probe.py",
         str(out),
         str(tiny_llama),
@@ -113,17 +127,19 @@ def _reference(tiny_llama, tiny_clip, text_card, tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_two_ranks(stage, tiny_llama, tiny_clip, text_card, tmp_path):
-    ranks = _launch(stage, tmp_path / "out", tiny_llama, tiny_clip, text_card)
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_two_ranks(engine, tiny_llama, tiny_clip, text_card, tmp_path):
+    ranks = _launch(engine, tmp_path / "out", tiny_llama, tiny_clip, text_card)
     r0, r1 = ranks
     assert (r0["world"], r1["world"]) == (2, 2) and (r0["rank"], r1["rank"]) == (0, 1)
-    assert r0["stage"] == stage
-    # Partitioned: each rank holds half of the optimizer state (ZeRO-2, ZeRO-3) and of the parameters (ZeRO-3).
+    assert r0["stage"] == engine
+    # Partitioned: each rank holds half of the optimizer state (all three) and of the parameters (ZeRO-3, FSDP2:
+    # FSDP2 splits each parameter's rows, so an odd row count leaves one rank a row more).
     for rank in ranks:
-        assert rank["local_optimizer_elements"] == pytest.approx(rank["trainable_params"] / 2, abs=64)
-        if stage == 3:
-            assert rank["local_params"] == pytest.approx(rank["trainable_params"] / 2, abs=64)
+        half = rank["trainable_params"] / 2
+        assert rank["local_optimizer_elements"] == pytest.approx(half, rel=0.01)
+        if engine != "zero2":
+            assert rank["local_params"] == pytest.approx(half, rel=0.01)
         else:
             assert rank["local_params"] == rank["trainable_params"]
     # Different samples on each rank, together exactly the single-process stream positions.
@@ -145,13 +161,13 @@ def test_zero_two_ranks(stage, tiny_llama, tiny_clip, text_card, tmp_path):
     logged_lrs = [h["lr"] for h in r0["history"] if "lr" in h]
     assert logged_lrs == pytest.approx([*lrs[1:], 0.0], abs=1e-12)  # logged after the step's scheduler step
     assert max(logged_lrs) == pytest.approx(OPTIM["lr"]) and logged_lrs.index(max(logged_lrs)) == 3
-    # Periodic evaluation under ZeRO-3 as under ZeRO-2, on held-out batches that differ across ranks: every rank ran
+    # Periodic evaluation under ZeRO-3 and FSDP2 as under ZeRO-2, on held-out batches that differ across ranks: every rank ran
     # it at the same steps (a module called on one rank only would have hung the run) and logged the same figures.
     evals = [[h for h in rank["history"] if "eval_loss" in h] for rank in ranks]
     assert [h["step"] for h in evals[0]] == [h["step"] for h in evals[1]] == [25.0, 50.0]
     for a, b in zip(*evals, strict=True):
         assert a == pytest.approx(b) and a["eval_loss"] > 0 and "eval_answer_accuracy" in a
-    # The gathered final model is a plain folder (no DeepSpeed shards) that loads without DeepSpeed.
+    # The gathered final model is a plain folder (no DeepSpeed or FSDP shards) that loads without either.
     final = tmp_path / "out" / "run" / "final"
     names = {p.name for p in final.iterdir()}
     assert "model.safetensors" in names
@@ -170,3 +186,33 @@ def test_zero_two_ranks(stage, tiny_llama, tiny_clip, text_card, tmp_path):
     )
     moved = [not torch.equal(a, b) for a, b in zip(loaded.bridge.parameters(), start.bridge.parameters(), strict=True)]
     assert all(moved)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_launch_on_cpus_fails_loudly(tiny_llama, tiny_clip, tmp_path):
+    """The shipped FSDP2 config launched as users launch it, on CPUs: accelerate 1.15 sets FSDP up on accelerator
+    devices only and would hand each process a plain single-device accelerator (each process training its own
+    unsharded copy, all writing the final model). Both processes stop at once, naming the way out; nothing is written."""
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        CONFIGS["fsdp2"],
+        "--num_processes",
+        "2",
+        "-m",
+        "vpit.train",
+        "recipes/toy/vpit.yaml",
+        "model.pretrained=null",
+        f"model.llm={tiny_llama}",
+        f"model.vision=local-dir:{tiny_clip}",
+        "data.use_sample=true",
+        f"train.output_dir={tmp_path / 'run'}",
+        "tracking.report_to=[]",
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "an FSDP launch config, but accelerate set up NO" in result.stderr
+    assert "deepspeed_zero3.yaml" in result.stderr
+    assert not (tmp_path / "run" / "final").exists()

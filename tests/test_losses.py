@@ -87,3 +87,61 @@ def test_loss_only_logits_give_the_same_loss_and_gradients(tiny_vpit):
     torch.testing.assert_close(lean.loss, full.loss, rtol=1e-6, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)
+
+
+class _StandInFusedLoss(torch.nn.Module):
+    """What liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss computes (its Triton kernel needs CUDA):
+    CE(input @ weight.T + bias, target), with its constructor and argument order. Counts its calls."""
+
+    calls: list = []  # noqa: RUF012
+
+    def __init__(self, ignore_index=-100, reduction="mean"):
+        super().__init__()
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        self.calls.append((tuple(_input.shape), self.reduction))
+        logits = F.linear(_input, lin_weight, bias)
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+def test_fused_cross_entropy_path_gives_the_same_loss_and_gradients(tiny_vpit, monkeypatch):
+    """With liger-kernel on a CUDA device the text loss comes from the LM head's input through the fused kernel: the
+    LM head never runs as a module (no logits stored), the kernel sees only the labelled positions' rows, and the
+    loss and gradients equal the chunked CE's. Required but unavailable is an error, not a silent fallback."""
+    import sys
+    import types
+
+    import pytest
+    from conftest import GENERATION, UNDERSTANDING, encode_conversations
+
+    import vpit.model.modeling_vpit as modeling
+
+    model, processor = tiny_vpit
+    batch = encode_conversations(processor, [UNDERSTANDING, GENERATION], [[None], [None]])
+    model.fused_cross_entropy = True
+    with pytest.raises(RuntimeError, match="needs a CUDA device, liger-kernel installed"):
+        model(**batch, return_logits=False)
+
+    model.fused_cross_entropy = None  # auto: on this CPU the chunked CE runs
+    chunked = model(**batch, return_logits=False)
+    chunked.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    liger = types.ModuleType("liger_kernel.transformers")
+    liger.LigerFusedLinearCrossEntropyLoss = _StandInFusedLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger)
+    monkeypatch.setattr(modeling, "fused_cross_entropy_available", lambda device: True)
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[1]))
+    fused = model(**batch, return_logits=False)
+    fused.loss.backward()
+    labelled = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())
+    batch_size = batch["input_ids"].shape[0]
+    assert _StandInFusedLoss.calls == [((batch_size * labelled, model.config.get_text_config().hidden_size), "sum")]
+    assert head_rows in ([], [0])  # the LM head module saw no row (0 rows where the LLM calls it on an empty slice)
+    torch.testing.assert_close(fused.text_loss, chunked.text_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.loss, chunked.loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,11 @@ def test_recipe_loads_and_its_cards_exist(path):
 @pytest.mark.parametrize("path", LAUNCH, ids=lambda p: p.name)
 def test_launch_configs_parse_and_point_at_deepspeed_configs(path):
     config = yaml.safe_load(path.read_text())
-    assert config["distributed_type"] in {"NO", "MULTI_GPU", "DEEPSPEED"}
+    assert config["distributed_type"] in {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}
+    if config["distributed_type"] == "FSDP":  # FSDP2 (fully_shard), decoder layers wrapped from _no_split_modules
+        fsdp = config["fsdp_config"]
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_state_dict_type"] in {"SHARDED_STATE_DICT", "FULL_STATE_DICT"}
     if config["distributed_type"] == "DEEPSPEED":
         ds = json.loads((ROOT / config["deepspeed_config"]["deepspeed_config_file"]).read_text())
         assert ds["zero_optimization"]["stage"] in (2, 3)

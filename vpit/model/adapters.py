@@ -17,23 +17,32 @@ from torch import nn
 _MLP_BRIDGE = re.compile(r"^mlp(\d+)x_gelu$")
 
 
-def _mlp_gelu(depth: int, vision_size: int, hidden_size: int) -> nn.Sequential:
+class Bridge(nn.Sequential):
+    """A bridge's layers. A type of its own so that sharding (FSDP2 wraps each `_no_split_modules` class as a unit)
+    and device maps treat the bridge as one piece; its state-dict keys are a plain `nn.Sequential`'s."""
+
+
+class VisualHead(nn.Sequential):
+    """A visual head's layers (see `Bridge`)."""
+
+
+def _mlp_gelu(depth: int, vision_size: int, hidden_size: int) -> Bridge:
     """Linear(Dv, H) then (GELU, Linear(H, H)) x (depth - 1); `mlp2x_gelu` is LLaVA-1.5's projector and MetaMorph's
     1152 -> 4096 -> 4096 bridge."""
     layers: list[nn.Module] = [nn.Linear(vision_size, hidden_size)]
     for _ in range(depth - 1):
         layers += [nn.GELU(), nn.Linear(hidden_size, hidden_size)]
-    return nn.Sequential(*layers)
+    return Bridge(*layers)
 
 
-def _linear_head(hidden_size: int, vision_size: int) -> nn.Sequential:
+def _linear_head(hidden_size: int, vision_size: int) -> VisualHead:
     """Linear(H, Dv)."""
-    return nn.Sequential(nn.Linear(hidden_size, vision_size))
+    return VisualHead(nn.Linear(hidden_size, vision_size))
 
 
-def _mlp_head(hidden_size: int, vision_size: int) -> nn.Sequential:
+def _mlp_head(hidden_size: int, vision_size: int) -> VisualHead:
     """Linear(H, H)-GELU-Linear(H, Dv) (MetaMorph: 4096 -> 4096 -> 1152)."""
-    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, vision_size))
+    return VisualHead(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, vision_size))
 
 
 # name -> builder(Dv, H); `mlpNx_gelu` is parsed (see `check_bridge`).
@@ -79,4 +88,9 @@ def build_visual_head(name: str, hidden_size: int, vision_size: int) -> nn.Modul
     return VISUAL_HEADS[name](hidden_size, vision_size)
 
 
-__all__ = ["BRIDGES", "VISUAL_HEADS", "build_bridge", "build_visual_head", "check_bridge", "check_visual_head"]
+__all__ = [
+    "BRIDGES",
+    "VISUAL_HEADS",
+    "Bridge",
+    "VisualHead",
+    "build_bridge", "build_visual_head", "check_bridge", "check_visual_head"]

@@ -6,6 +6,8 @@ that still carries a graph through the module that produced the inputs.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -57,14 +59,41 @@ def text_loss(
             (the number of labelled tokens in the whole accumulated batch); defaults to this batch's count.
         positions: the sequence positions `logits` hold (see `labelled_positions`); all T when omitted.
     """
-    # Shift the labels, not the logits (as transformers does): slicing (B, T, V) logits would copy them, and their
-    # gradient, every step. The last position gets label -100.
-    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
-    if positions is not None:
-        shift_labels = shift_labels[:, positions.to(shift_labels.device)]  # (B, P)
-    targets = shift_labels.flatten().to(logits.device)
+    targets = _shifted_targets(labels, positions).to(logits.device)
     total = cross_entropy_sum(logits.flatten(0, 1), targets)
     return _divide(total, (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def _shifted_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """(B * T,) or (B * P,): the label each position predicts. The labels are shifted, not the logits (as
+    transformers does): slicing (B, T, V) logits would copy them, and their gradient, every step."""
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T); the last position gets -100
+    if positions is not None:
+        shift_labels = shift_labels[:, positions.to(shift_labels.device)]  # (B, P)
+    return shift_labels.flatten()
+
+
+def fused_cross_entropy_available(device: torch.device) -> bool:
+    """Whether Liger's fused linear cross-entropy can run here: a CUDA device and `liger-kernel` installed."""
+    return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def fused_text_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`text_loss` from the LM head's input instead of its output, through Liger's fused linear cross-entropy: the
+    (N, V) logits are computed and consumed a block of rows at a time inside the kernel, never stored (Liger reports
+    ~60 % less loss-path memory at a 131k vocabulary). `hidden` is (B, T, H), or (B, P, H) at `positions`."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    targets = _shifted_targets(labels, positions).to(hidden.device)
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    total = fused(lm_head.weight, hidden.flatten(0, 1), targets, lm_head.bias)
+    return _divide(total.float(), (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch)
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +130,8 @@ __all__ = [
     "cosine_loss",
     "count_loss_items",
     "cross_entropy_sum",
+    "fused_cross_entropy_available",
+    "fused_text_loss",
     "labelled_positions",
     "text_loss",
 ]

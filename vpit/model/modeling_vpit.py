@@ -20,13 +20,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .adapters import build_bridge, build_visual_head
 from .configuration_vpit import VPiTConfig
-from .losses import IGNORE_INDEX, cosine_loss, labelled_positions, text_loss
+from .losses import (
+    IGNORE_INDEX,
+    cosine_loss,
+    fused_cross_entropy_available,
+    fused_text_loss,
+    labelled_positions,
+    text_loss,
+)
 from .processing_vpit import token_id
 from .vision import VisionEncoder
 
@@ -108,6 +116,10 @@ class VPiTPreTrainedModel(PreTrainedModel):
     input_modalities = ["image", "text"]  # noqa: RUF012 (an instance attribute upstream)
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012 (an instance attribute upstream)
+    # Kept whole by device maps, and each sharded as one unit by FSDP2 (accelerate wraps these classes; the LLM's
+    # decoder layers join from its own list): every module that evaluation and generation call directly gathers
+    # its own weights, on every rank.
+    _no_split_modules = ["VisionEncoder", "Bridge", "VisualHead"]  # noqa: RUF012 (an instance attribute upstream)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -166,6 +178,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
         for part in (self.bridge, self.visual_head):
             part.apply(self._init_weights)
+        # Liger's fused linear cross-entropy for the training loss: None = when it can run (`uses_fused_cross_entropy`),
+        # False = never, True = required. A run setting, not architecture: not in the config.
+        self.fused_cross_entropy: bool | None = None
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> VPiTForCausalLM:
@@ -228,9 +243,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         self.language_model.set_output_embeddings(new_embeddings)
 
     def is_partitioned(self) -> bool:
-        """Whether DeepSpeed ZeRO-3 partitions this model's parameters (then every process must call the same
-        modules in the same order, in evaluation and generation too)."""
-        return any(hasattr(p, "ds_id") for p in self.bridge.parameters())
+        """Whether DeepSpeed ZeRO-3 or FSDP2 shards this model's parameters (then every process must call the same
+        modules in the same order, in evaluation and generation too: each call gathers weights collectively)."""
+        if any(hasattr(p, "ds_id") for p in self.bridge.parameters()):
+            return True
+        return any(isinstance(m, FSDPModule) for m in (self, self.bridge, self.get_input_embeddings()))
 
     def image_token_ids(self) -> tuple[int, int, int]:
         """(image_start, image_end, image slot) token ids, as looked up in the tokenizer at assembly."""
@@ -385,7 +402,10 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             # ids restarting per sample) only when there is none: a default cache would let samples attend across.
             use_cache = False
         positions = labelled_positions(labels) if labels is not None and not return_logits else None  # (P,)
-        if positions is not None and self.keeps_some_logits():
+        fused = positions is not None and self.uses_fused_cross_entropy(inputs_embeds.device)
+        if fused:
+            kwargs["logits_to_keep"] = positions[:0]  # no logits at all: the fused loss applies the LM head itself
+        elif positions is not None and self.keeps_some_logits():
             kwargs["logits_to_keep"] = positions  # the LM head runs at these positions only
         outputs, hidden = self.run_language_model(
             inputs_embeds=inputs_embeds,
@@ -397,7 +417,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             **kwargs,
         )
         logits = outputs.logits  # (B, T, V), or (B, P, V) at `positions`
-        if positions is not None and "logits_to_keep" not in kwargs:
+        if positions is not None and not fused and "logits_to_keep" not in kwargs:
             logits = logits[:, positions]
 
         loss = t_loss = v_loss = predictions = targets = None
@@ -414,7 +434,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 visual_target_mask = self.response_slot_mask(input_ids, labels)
             elif bool((visual_target_mask & ~slot_mask).any()):
                 raise ValueError("visual_target_mask marks positions that are not image slots")
-            t_loss = text_loss(logits, labels, num_items_in_batch, positions)
+            if fused:
+                head = self.get_output_embeddings()
+                t_loss = fused_text_loss(hidden[:, positions], head, labels, num_items_in_batch, positions)
+            else:
+                t_loss = text_loss(logits, labels, num_items_in_batch, positions)
             # Next-token shift: the hidden state at t - 1 predicts the visual token at slot t.
             predictions = self.predict_visual(hidden[:, :-1][visual_target_mask[:, 1:]])  # (M, Dv)
             if z is None:
@@ -435,6 +459,30 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=getattr(outputs, "attentions", None),
         )
+
+    def uses_fused_cross_entropy(self, device: torch.device) -> bool:
+        """Whether the training loss goes through Liger's fused linear cross-entropy (`fused_text_loss`): asked for
+        (`fused_cross_entropy` True, or None and it can run) on a CUDA device with liger-kernel installed, an LM
+        head that is a plain Linear (no logit soft-capping or scaling after it) and weights that are not sharded
+        (the kernel reads the head's weight directly; under ZeRO-3 / FSDP2 the chunked CE runs instead)."""
+        if self.fused_cross_entropy is False:
+            return False
+        text = self.config.get_text_config()
+        plain = getattr(text, "final_logit_softcapping", None) is None and getattr(text, "logit_scale", None) is None
+        head = self.get_output_embeddings()
+        usable = (
+            fused_cross_entropy_available(device)
+            and plain
+            and isinstance(head, nn.Linear)
+            and self.keeps_some_logits()
+            and not self.is_partitioned()
+        )
+        if self.fused_cross_entropy and not usable:
+            raise RuntimeError(
+                "fused_cross_entropy is required but cannot run here: it needs a CUDA device, liger-kernel installed "
+                "(pip install liger-kernel), a plain Linear LM head and unsharded weights (not ZeRO-3 / FSDP2)"
+            )
+        return usable
 
     def keeps_some_logits(self) -> bool:
         """Whether the LLM's forward takes `logits_to_keep` (every transformers causal LM of this generation does)."""

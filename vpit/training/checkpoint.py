@@ -16,8 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import yaml
 from accelerate import Accelerator
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
@@ -128,10 +131,22 @@ def resume(
     return state
 
 
+def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights for `save_pretrained`, gathered on every process from ZeRO-3 partitions or FSDP2
+    shards (DTensors), on the CPU; every process must call it. Also for a model sharded with `fully_shard` outside
+    an accelerate FSDP launch, whose `state_dict()` would hold each rank's shards."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return accelerator.get_state_dict(model)
+
+
 __all__ = [
     "CheckpointExtra",
     "TrainerState",
     "checkpoints",
+    "full_state_dict",
     "find_resume_point",
     "load_checkpoint",
     "resume",

@@ -48,6 +48,7 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=handlers,
     )
+    check_launch(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         # We shard the data ourselves (each rank reads its own slice of the mixture), so the DataLoader is not
@@ -60,6 +61,27 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
         if recipe.optim.max_grad_norm is not None:
             config["gradient_clipping"] = recipe.optim.max_grad_norm
     return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Fail when the accelerator did not set up what the launcher started, instead of training N unrelated copies.
+
+    accelerate 1.15 enables FSDP only on accelerator devices (CUDA, XPU, NPU, ...): an FSDP config launched on CPUs
+    gives every process a single-process accelerator (or plain data parallelism with `--cpu`), each writing the
+    same outputs.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type.value}); on a machine without CUDA, launch with a "
+            "DeepSpeed config (recipes/accelerate/deepspeed_zero3.yaml runs on CPUs with gloo)"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+        raise RuntimeError(
+            f"an FSDP launch config, but accelerate set up {accelerator.distributed_type.value}: accelerate runs FSDP "
+            "on accelerator devices only (CUDA, XPU, NPU, ...); on CPUs use recipes/accelerate/deepspeed_zero3.yaml"
+        )
 
 
 def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
@@ -101,6 +123,7 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
                 if getattr(spec, key) is not None  # unset: VPiTConfig's default
             },
         )
+    model.fused_cross_entropy = recipe.train.fused_cross_entropy
     if recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:
@@ -250,6 +273,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_launch",
     "freeze",
     "param_groups",
 ]

@@ -199,6 +199,13 @@ class TrainSection:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("recompute LLM activations in backward to save memory")
     )
+    fused_cross_entropy: bool | None = field(
+        default=None,
+        metadata=_help(
+            "the text loss through Liger's fused linear cross-entropy (no logits stored): null = when it can run "
+            "(CUDA, liger-kernel installed, unsharded weights), true = required, false = never"
+        ),
+    )
     checkpoint_every: int = field(
         default=500, metadata=_help("save a resumable checkpoint every N optimizer steps (0: never)")
     )

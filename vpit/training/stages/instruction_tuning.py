@@ -26,7 +26,7 @@ from ...data.cards import parse_mixture
 from ...hub import push_folder, write_model_card
 from ...model.lora import load_lora, merge_lora
 from ...model.processing_vpit import VPiTProcessor
-from ..checkpoint import TrainerState, resume
+from ..checkpoint import TrainerState, full_state_dict, resume
 from ..components import (
     build_accelerator,
     build_batches,
@@ -93,7 +93,7 @@ def finish(
     final = run_dir / "final"
     counts = accelerator.reduce(torch.tensor([state.samples, state.skipped], device=accelerator.device), "sum")
     samples, skipped = (int(c) for c in counts.cpu())  # over all processes
-    state_dict = accelerator.get_state_dict(model)  # gathered across ranks under ZeRO-3
+    state_dict = full_state_dict(accelerator, model)  # gathered across ranks under ZeRO-3 / FSDP2
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if recipe.lora.enabled:
