@@ -105,6 +105,16 @@ def _zero3(r: dict[str, Any]) -> list[Row]:
     return [Row("zero3_memory", "ZeRO-3 bytes per rank, 2 ranks / 1", f"{ratio:.3f}x", "<= 0.55x", ratio <= 0.55)]
 
 
+def _feature_cache(r: dict[str, Any]) -> list[Row]:
+    ratio = r["speedup_cached_vs_pixels"]
+    return [
+        Row("feature_cache", "training samples/s, cached encoder tokens / pixels (ViT-B/16)", f"{ratio:.2f}x",
+            "> 1x", ratio > 1),
+        Row("feature_cache", "cache-features writing speed (ViT-B/16, 224 px)",
+            f"{r['cache_images_per_s']:.1f} img/s", "-", None),
+    ]  # fmt: skip
+
+
 # name -> (extra arguments, JSON file it writes, summary rows from that JSON)
 BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]]]] = {
     "data_pipeline": ([], "data_pipeline.json", _data_pipeline),
@@ -114,6 +124,7 @@ BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]
     "mfu": (["--device", "cpu"], "mfu_cpu.json", _mfu),
     "zero3_memory": ([], "zero3_memory.json", _zero3),
     "memory": ([], "memory.json", _memory),
+    "feature_cache": ([], "feature_cache.json", _feature_cache),
 }
 
 

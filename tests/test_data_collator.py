@@ -49,7 +49,8 @@ def test_right_padding_exact_tensors():
     assert batch["attention_mask"].dtype == torch.long and batch["visual_target_mask"].dtype == torch.bool
     assert batch["padding_fraction"] == 0.25
     assert batch["num_skipped"] == 3 and batch["num_samples"] == 2
-    assert set(batch) == {*MODEL_INPUT_KEYS, "padding_fraction", "num_skipped", "num_samples"} - {"pixel_values"}
+    optional = {"pixel_values", "visual_tokens", "visual_tokens_given"}  # images / cached tokens only
+    assert set(batch) == {*MODEL_INPUT_KEYS, "padding_fraction", "num_skipped", "num_samples"} - optional
 
 
 def test_left_padding_exact_tensors():
@@ -123,7 +124,7 @@ def test_too_long_sample_is_an_error_never_truncated():
 
 def test_model_inputs_keeps_only_forward_arguments():
     batch = VPiTCollator(pad_token_id=PAD)([sample([1, SLOT], images=[7], id="x", num_skipped=4)])
-    assert set(model_inputs(batch)) == set(MODEL_INPUT_KEYS)
+    assert set(model_inputs(batch)) == set(MODEL_INPUT_KEYS) - {"visual_tokens", "visual_tokens_given"}  # no cache
     assert set(batch) - set(MODEL_INPUT_KEYS) == {"padding_fraction", "num_skipped", "num_samples"}
     assert model_inputs(batch)["input_ids"] is batch["input_ids"]
 

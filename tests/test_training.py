@@ -332,4 +332,3 @@ def test_bridge_stage_changes_no_llm_weight_and_keeps_state_only_for_trained_row
         elif not torch.equal(now, before):
             changed.append(key)
     assert changed and all(key.startswith("bridge.") for key in changed), changed
-

@@ -51,6 +51,25 @@ def _data_validate(args: argparse.Namespace) -> int:
     return 1 if report.num_bad else 0
 
 
+def _data_cache_features(args: argparse.Namespace) -> int:
+    from .data.features import cache_card_features
+
+    folder, counts = cache_card_features(
+        args.card,
+        args.model,
+        args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        use_sample=args.sample,
+        device=args.device,
+    )
+    print(
+        f"{counts['encoded']} images encoded, {counts['cached']} already cached, {counts['skipped']} skipped "
+        f"(see {folder / 'skipped.jsonl'}), {counts['uncacheable']} in memory without a key -> {folder}"
+    )
+    return 0
+
+
 def _toy_data(args: argparse.Namespace) -> int:
     from .toy.world import write_toy_data
 
@@ -251,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-length", type=int, default=None, help="sequence limit for the truncation check")
     check.add_argument("--report", default="validation_report.jsonl", help="where to write the report")
     check.set_defaults(func=_data_validate)
+    cache = data_commands.add_parser(
+        "cache-features",
+        help="encode a card's images once with a model's frozen encoder; training then reads the tokens",
+        description="Write the frozen vision encoder's K x Dv tokens of every image of a data card as safetensors "
+        "shards (keyed by image, resumable: a rerun encodes only what is missing). Training with this model reads "
+        "them instead of the images (data.use_features).",
+    )
+    cache.add_argument("card", help="a data card (.yaml)")
+    cache.add_argument("--model", required=True, help="a VPiT folder or Hub id (only its vision encoder is loaded)")
+    cache.add_argument("--out", default=None, help="cache folder (default: where training looks, beside the card)")
+    cache.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
+    cache.add_argument("--shard-size", type=int, default=1024, help="images per safetensors shard")
+    cache.add_argument("--sample", action="store_true", help="the card's shipped sample data")
+    cache.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    cache.set_defaults(func=_data_cache_features)
 
     toy = commands.add_parser("toy", help="the toy world: generate data, pretrain the toy backbones")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

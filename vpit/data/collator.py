@@ -6,10 +6,15 @@ An encoded sample is a dict of 1-D tensors of one length L plus its images:
     labels              (L,)  long, -100 where not supervised (prompt, image slots)
     visual_target_mask  (L,)  bool, image slots whose encoder token is a target (response images)
     pixel_values        (n, 3, S, S) float, n >= 0, in the order their slots appear in input_ids
+    visual_tokens       (n_all, K, Dv), visual_tokens_given (n_all,) bool, optional: images whose encoder tokens
+                        came from a feature cache; pixel_values then holds only the others (`vpit.data.encode`)
     num_skipped         int, optional: bad records the dataset skipped just before this sample
     (any other key, e.g. "id" or "source", is metadata and is dropped)
 
 Dimension letters: B samples, R packed rows, T row length, I images in the batch, S image side.
+
+When some sample brought cached tokens, the batch also holds visual_tokens (I_all, K, Dv) and visual_tokens_given
+(I_all,) over every image in slot order, and pixel_values only the images not given (the model encodes those).
 
 Padded (pack=False), one sample per row, T = the longest sample rounded up to `pad_to_multiple_of`:
 
@@ -65,7 +70,16 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..model.losses import IGNORE_INDEX
 
-MODEL_INPUT_KEYS = ("input_ids", "labels", "visual_target_mask", "attention_mask", "position_ids", "pixel_values")
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "labels",
+    "visual_target_mask",
+    "attention_mask",
+    "position_ids",
+    "pixel_values",
+    "visual_tokens",
+    "visual_tokens_given",
+)
 
 _TOKEN_KEYS = ("input_ids", "labels", "visual_target_mask")
 _PADDING_SIDES = ("right", "left")
@@ -153,11 +167,27 @@ class VPiTCollator:
             raise ValueError("cannot collate an empty list of samples")
         tokens = [self._checked(i, sample) for i, sample in enumerate(samples)]
         images = [sample["pixel_values"] for sample in samples]
+        order = list(range(len(samples)))
         if self.pack:
             batch, order = self._pack(tokens)
             images = [images[i] for i in order]
         else:
             batch = self._pad(tokens)
+        cached = [samples[i] for i in order if "visual_tokens" in samples[i]]
+        if cached:  # every image's tokens in slot order, the cached ones filled in (see the module docstring)
+            zeros = cached[0]["visual_tokens"][:0]  # (0, K, Dv)
+            rows, given = [], []
+            for i in order:
+                sample = samples[i]
+                count = int(sample["pixel_values"].shape[0]) + int(sample.get("visual_tokens_given", zeros).sum())
+                if "visual_tokens" in sample:
+                    rows.append(sample["visual_tokens"])
+                    given.append(sample["visual_tokens_given"])
+                else:
+                    rows.append(zeros.new_zeros(count, *zeros.shape[1:]))
+                    given.append(torch.zeros(count, dtype=torch.bool))
+            batch["visual_tokens"] = torch.cat(rows)
+            batch["visual_tokens_given"] = torch.cat(given)
         pixel_values = [p for p in images if p.shape[0] > 0]
         if pixel_values:
             sizes = {tuple(p.shape[1:]) for p in pixel_values}

@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..model.processing_vpit import VPiTProcessor
 from .cards import DataCard
 from .encode import encode_sample
+from .features import FeatureCache
 from .formats import RawRecord
 from .mixture import MixtureSampler
 from .records import RecordError, Sample
@@ -111,6 +112,7 @@ class VPiTDataset(IterableDataset):
         processor: tokenizer + image transform of the model being trained (samples go through `encode_sample`).
         encode: instead of a processor, any picklable `Sample -> dict` (e.g. images only, for the decoder); it
             raises RecordError for a bad sample.
+        features: per card, its encoder-token cache or None (`vpit.data.features`): cached images are not loaded.
         weights / caps: sampling weight and optional cap per card.
         seed / rank / world_size: the sampler's seed and this process's shard.
         max_length: token limit per sample (cut after the last image span, never through one).
@@ -134,6 +136,7 @@ class VPiTDataset(IterableDataset):
         skip_log: SkipLog | None = None,
         use_sample: bool = False,
         encode: Callable[[Sample], dict[str, Any]] | None = None,
+        features: Sequence[FeatureCache | None] | None = None,
     ):
         super().__init__()
         if (processor is None) == (encode is None):
@@ -144,6 +147,7 @@ class VPiTDataset(IterableDataset):
         self.max_length = max_length
         self.skip_log = skip_log or SkipLog(None)
         self.records = [_Records(card, use_sample) for card in self.cards]
+        self.features = list(features) if features is not None else [None] * len(self.cards)
         sizes = [None if r.streaming else len(r) for r in self.records]
         self.sampler = MixtureSampler(
             sizes,
@@ -176,7 +180,7 @@ class VPiTDataset(IterableDataset):
                 encoded = self.encode(sample)
             else:
                 assert self.processor is not None
-                encoded = encode_sample(sample, self.processor, self.max_length)
+                encoded = encode_sample(sample, self.processor, self.max_length, self.features[source])
         except RecordError as err:
             self.skip_log.skip(card.name, index, None if record_id is None else str(record_id), err, position)
             return None

@@ -7,7 +7,9 @@ ends up empty is refused too (`no_labels`): it would train on nothing, silently.
 Encoded sample (the collator's input):
     input_ids (L,) | labels (L,) = ids on assistant tokens except image slots, -100 elsewhere
     visual_target_mask (L,) = image slots of response images (`vpit.model.modeling_vpit.response_slot_mask`)
-    pixel_values (I, 3, S, S)
+    pixel_values (J, 3, S, S) the images to encode: all I of them, or those not in the feature cache
+    visual_tokens (I, K, Dv), visual_tokens_given (I,) bool: present when some image's tokens came from the feature
+        cache (`vpit.data.features`); rows not given are zeros and their pixels are in pixel_values, in order
     id, source, index: where it came from
 """
 
@@ -20,21 +22,31 @@ import torch
 from ..model.losses import IGNORE_INDEX
 from ..model.modeling_vpit import response_slot_mask
 from ..model.processing_vpit import ChatTemplateError, VPiTProcessor, assistant_mask, token_id
+from .features import FeatureCache
 from .formats import check_sample, with_image_token
 from .records import RecordError, Sample, load_record_image
 
 
-def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | None = None) -> dict[str, Any]:
-    """Check, load the images of, and tokenise one sample.
+def encode_sample(
+    sample: Sample, processor: VPiTProcessor, max_length: int | None = None, features: FeatureCache | None = None
+) -> dict[str, Any]:
+    """Check, load the images of, and tokenise one sample; an image whose encoder tokens are in `features` is not
+    loaded at all.
 
     Raises:
         RecordError: for any structural, image or tokenisation problem (the reason says which).
     """
     check_sample(sample)
-    pixels = [processor.image_transform(load_record_image(image, sample.image_root)) for image in sample.images]
+    cached = [features.get(image, sample.image_root) if features is not None else None for image in sample.images]
+    pixels = [
+        processor.image_transform(load_record_image(image, sample.image_root))
+        for image, tokens in zip(sample.images, cached, strict=True)
+        if tokens is None
+    ]
     size = processor.preprocess_config.get("size", 224)
     height, width = (size, size) if isinstance(size, int) else size
     pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, height, width)
+    given = [tokens for tokens in cached if tokens is not None]
 
     messages = [
         {**m, "content": processor.expand_image_markers(m["content"])[0]}
@@ -74,7 +86,7 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
         raise RecordError("no_labels", f"no assistant token among the {len(input_ids)} tokens kept")
     start_id = token_id(tokenizer, processor.image_start_token)
     targets = response_slot_mask(input_ids[None], labels[None], start_id, token_id(tokenizer, processor.image_token))
-    return {
+    encoded = {
         "input_ids": input_ids,
         "labels": labels,
         "visual_target_mask": targets[0],
@@ -83,6 +95,11 @@ def encode_sample(sample: Sample, processor: VPiTProcessor, max_length: int | No
         "source": sample.source,
         "index": sample.index,
     }
+    if given:
+        zeros = torch.zeros_like(given[0])
+        encoded["visual_tokens"] = torch.stack([zeros if t is None else t for t in cached])  # (I, K, Dv)
+        encoded["visual_tokens_given"] = torch.tensor([t is not None for t in cached])  # (I,)
+    return encoded
 
 
 __all__ = ["encode_sample"]

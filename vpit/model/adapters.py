@@ -93,4 +93,8 @@ __all__ = [
     "VISUAL_HEADS",
     "Bridge",
     "VisualHead",
-    "build_bridge", "build_visual_head", "check_bridge", "check_visual_head"]
+    "build_bridge",
+    "build_visual_head",
+    "check_bridge",
+    "check_visual_head",
+]

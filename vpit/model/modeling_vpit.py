@@ -298,13 +298,17 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         visual_tokens: torch.Tensor | None = None,
+        visual_tokens_given: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with bridge(z) spliced into the image slots.
 
         Args:
             input_ids: (B, T) with K `image_token_id` slots per image, images in row-major order.
             pixel_values: (I, 3, S, S), or
-            visual_tokens: (I, K, Dv) already encoded (e.g. predicted tokens fed back at generation time).
+            visual_tokens: (I, K, Dv) already encoded (e.g. predicted tokens fed back at generation time, or a
+                feature cache's), with
+            visual_tokens_given: (I,) bool, optional: which rows of `visual_tokens` hold tokens; the others are
+                encoded from `pixel_values`, which then holds exactly those images, in order.
 
         Returns:
             inputs_embeds (B, T, H) and the visual tokens z (I, K, Dv) (None when there are no images).
@@ -316,8 +320,19 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         embed_tokens = self.get_input_embeddings()
         inputs_embeds = embed_tokens(input_ids)  # (B, T, H)
         slot_mask = input_ids == slot_id  # (B, T)
-        if visual_tokens is None and pixel_values is not None:
-            visual_tokens = self.encode_images(pixel_values)
+        partitioned = self.is_partitioned()
+        pixels = pixel_values if pixel_values is not None and pixel_values.shape[0] > 0 else None
+        if visual_tokens is not None and visual_tokens_given is not None and pixels is not None:
+            visual_tokens = visual_tokens.clone()
+            visual_tokens[~visual_tokens_given.to(visual_tokens.device)] = self.encode_images(pixels).to(
+                visual_tokens.dtype
+            )
+        elif visual_tokens is None and pixels is not None:
+            visual_tokens = self.encode_images(pixels)
+        elif partitioned:
+            # Under ZeRO-3 / FSDP2 calling the encoder gathers its weights collectively: it runs once in every call
+            # on every rank, on a dummy image when this rank's batch needs no encoding.
+            self.encode_images(inputs_embeds.new_zeros(1, 3, *self.vision_tower.image_size))
         num_images = 0 if visual_tokens is None else visual_tokens.shape[0]
         num_slots = int(slot_mask.sum())
         k = self.config.num_visual_tokens
@@ -332,13 +347,12 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(
                 slot_mask.unsqueeze(-1).expand_as(inputs_embeds), bridged.to(inputs_embeds.dtype)
             )
-        elif self.training or self.is_partitioned():
-            # Every rank runs the encoder and the bridge every step, even on a text-only batch, so that
-            # DDP / ZeRO-3 see the same modules used on all ranks (no hang, no unused-parameter error); under
-            # ZeRO-3 evaluation too, where calling a module gathers its partitioned weights collectively.
-            size = self.vision_tower.image_size
-            dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, *size))
-            bridged = self.bridge(dummy.to(inputs_embeds.dtype))
+        elif self.training or partitioned:
+            # Every rank runs the bridge every step, even on a text-only batch, so that DDP / ZeRO-3 / FSDP2 see the
+            # same trainable modules used on all ranks (no hang, no unused-parameter error); under ZeRO-3 / FSDP2
+            # in evaluation too. (The frozen encoder needs this only when sharded: above.)
+            dummy = inputs_embeds.new_zeros(1, k, self.vision_tower.hidden_size)
+            bridged = self.bridge(dummy)
             inputs_embeds = inputs_embeds + 0.0 * bridged.sum().to(inputs_embeds.dtype)
         return inputs_embeds, visual_tokens
 
@@ -365,6 +379,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         labels: torch.LongTensor | None = None,
         visual_target_mask: torch.Tensor | None = None,
         visual_tokens: torch.Tensor | None = None,
+        visual_tokens_given: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_visual_items_in_batch: int | torch.Tensor | None = None,
@@ -380,7 +395,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             labels: (B, T) token ids to predict, -100 where ignored; image slots must be -100.
             visual_target_mask: (B, T) bool, the slots whose encoder token is a target; by default the slots of
                 images whose `<image_start>` is labelled (response images).
-            visual_tokens: (I, K, Dv) to splice instead of encoding `pixel_values`.
+            visual_tokens: (I, K, Dv) to splice instead of encoding `pixel_values`; with `visual_tokens_given`
+                (I,) bool, only the rows it marks (a feature cache's), the others encoded from `pixel_values`.
             num_items_in_batch: labelled-token count of the whole global batch (over processes and accumulated
                 micro-batches); the text loss is then this batch's CE sum over it. Default: this batch's count.
             num_visual_items_in_batch: the same for the visual targets and the cosine loss.
@@ -395,7 +411,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds, z = self.embed(input_ids, pixel_values=pixel_values, visual_tokens=visual_tokens)
+            inputs_embeds, z = self.embed(input_ids, pixel_values, visual_tokens, visual_tokens_given)
         packed = attention_mask is None and position_ids is not None and past_key_values is None
         if use_cache is None and (labels is not None or packed):
             # Training needs no KV cache, and transformers builds the block-diagonal mask of packed rows (position
@@ -403,7 +419,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             use_cache = False
         positions = labelled_positions(labels) if labels is not None and not return_logits else None  # (P,)
         fused = positions is not None and self.uses_fused_cross_entropy(inputs_embeds.device)
-        if fused:
+        if fused and positions is not None:
             kwargs["logits_to_keep"] = positions[:0]  # no logits at all: the fused loss applies the LM head itself
         elif positions is not None and self.keeps_some_logits():
             kwargs["logits_to_keep"] = positions  # the LM head runs at these positions only
@@ -434,8 +450,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 visual_target_mask = self.response_slot_mask(input_ids, labels)
             elif bool((visual_target_mask & ~slot_mask).any()):
                 raise ValueError("visual_target_mask marks positions that are not image slots")
-            if fused:
-                head = self.get_output_embeddings()
+            head = self.get_output_embeddings()
+            if fused and isinstance(head, nn.Linear) and positions is not None:
                 t_loss = fused_text_loss(hidden[:, positions], head, labels, num_items_in_batch, positions)
             else:
                 t_loss = text_loss(logits, labels, num_items_in_batch, positions)

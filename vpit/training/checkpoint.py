@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 import yaml
 from accelerate import Accelerator
 from torch import nn
@@ -131,7 +130,7 @@ def resume(
     return state
 
 
-def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, Any]:
     """The whole model's weights for `save_pretrained`, gathered on every process from ZeRO-3 partitions or FSDP2
     shards (DTensors), on the CPU; every process must call it. Also for a model sharded with `fully_shard` outside
     an accelerate FSDP launch, whose `state_dict()` would hold each rank's shards."""
@@ -146,8 +145,8 @@ __all__ = [
     "CheckpointExtra",
     "TrainerState",
     "checkpoints",
-    "full_state_dict",
     "find_resume_point",
+    "full_state_dict",
     "load_checkpoint",
     "resume",
     "save_checkpoint",

@@ -16,6 +16,7 @@ from transformers import get_scheduler
 from ..data.cards import parse_mixture
 from ..data.collator import VPiTCollator
 from ..data.dataset import SkipLog, VPiTBatches, VPiTDataset
+from ..data.features import open_feature_caches
 from ..model.assembly import assemble
 from ..model.lora import apply_image_token_rows, apply_lora
 from ..model.modeling_vpit import VPiTForCausalLM, full_shape
@@ -77,7 +78,10 @@ def check_launch(accelerator: Accelerator) -> None:
             f"(distributed type {accelerator.distributed_type.value}); on a machine without CUDA, launch with a "
             "DeepSpeed config (recipes/accelerate/deepspeed_zero3.yaml runs on CPUs with gloo)"
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and accelerator.distributed_type.value != "FSDP"
+    ):
         raise RuntimeError(
             f"an FSDP launch config, but accelerate set up {accelerator.distributed_type.value}: accelerate runs FSDP "
             "on accelerator devices only (CUDA, XPU, NPU, ...); on CPUs use recipes/accelerate/deepspeed_zero3.yaml"
@@ -203,10 +207,17 @@ def build_batches(
     run_dir: Path,
     start_batch: int = 0,
     base: Path | None = None,
+    encoder_fingerprint: str | None = None,
 ) -> DataLoader:
-    """This rank's DataLoader of collated batches from the recipe's mixture (see `VPiTBatches`)."""
+    """This rank's DataLoader of collated batches from the recipe's mixture (see `VPiTBatches`). With the model's
+    `encoder_fingerprint`, a card whose encoder tokens were cached for it (`vpit data cache-features`) has them read
+    instead of its images (unless `data.use_features` is false)."""
     entries = parse_mixture(data.mixture)
     cards = [entry.load(base) for entry in entries]
+    features = open_feature_caches(cards, encoder_fingerprint if data.use_features else None, data.use_sample)
+    for card, cache in zip(cards, features, strict=True):
+        if cache is not None and rank == 0:
+            print(f"[vpit] {card.name}: encoder tokens of {len(cache)} images read from {cache.folder}")
     dataset = VPiTDataset(
         cards,
         processor,
@@ -218,6 +229,7 @@ def build_batches(
         max_length=data.max_length,
         skip_log=SkipLog(run_dir / "skipped.jsonl", data.max_skip_rate, data.min_records_for_skip_rate),
         use_sample=data.use_sample,
+        features=features,
     )
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # Llama 3: no pad

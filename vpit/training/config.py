@@ -131,6 +131,13 @@ class DataSection:
         default_factory=list, metadata=_help("held-out cards for periodic evaluation (train.eval_every)")
     )
     use_sample: bool = field(default=False, metadata=_help("train on each card's shipped sample data (smoke tests)"))
+    use_features: bool = field(
+        default=True,
+        metadata=_help(
+            "read a card's cached encoder tokens (`vpit data cache-features`) instead of its images when a cache "
+            "for this model's encoder exists"
+        ),
+    )
     max_length: int = field(
         default=2048, metadata=_help("token limit per sample; cut after the last image span, never through one")
     )

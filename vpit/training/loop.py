@@ -148,11 +148,11 @@ def evaluate_losses(
             sums += torch.tensor([float(out.text_loss), float(out.visual_loss), *counts.tolist()], dtype=torch.float64)
     total = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     text, visual = float(total[0] / max(total[2], 1)), float(total[1] / max(total[3], 1))
-    weight = float(_config(accelerator, model).visual_loss_weight)
+    weight = float(vpit_config(accelerator, model).visual_loss_weight)
     return {"eval_loss": text + weight * visual, "eval_text_loss": text, "eval_visual_loss": visual}
 
 
-def _config(accelerator: Accelerator, model: nn.Module) -> Any:
+def vpit_config(accelerator: Accelerator, model: nn.Module) -> Any:
     """The VPiT config behind a prepared (DeepSpeed / DDP) and possibly peft-wrapped model."""
     unwrapped = accelerator.unwrap_model(model)
     base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
@@ -186,4 +186,4 @@ def plot_loss_curve(history: list[dict[str, float]], path: Path) -> Path | None:
     return path
 
 
-__all__ = ["LOSS_KEYS", "evaluate_losses", "plot_loss_curve", "train_loop"]
+__all__ = ["LOSS_KEYS", "evaluate_losses", "plot_loss_curve", "train_loop", "vpit_config"]

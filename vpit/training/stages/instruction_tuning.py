@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ...data.cards import parse_mixture
+from ...data.features import encoder_fingerprint
 from ...hub import push_folder, write_model_card
 from ...model.lora import load_lora, merge_lora
 from ...model.processing_vpit import VPiTProcessor
@@ -36,7 +37,7 @@ from ..components import (
 )
 from ..config import DataSection, InstructionRecipe
 from ..evaluation import answer_accuracy, generation_grid, held_out_samples
-from ..loop import LOSS_KEYS, evaluate_losses, plot_loss_curve, train_loop
+from ..loop import LOSS_KEYS, evaluate_losses, plot_loss_curve, train_loop, vpit_config
 
 
 def run(recipe: InstructionRecipe) -> Path:
@@ -65,7 +66,10 @@ def run(recipe: InstructionRecipe) -> Path:
 
     # Data: each process reads its own shard of the mixture; batches continue where the checkpoint stopped.
     rank, world = accelerator.process_index, accelerator.num_processes
-    loader = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch)
+    fingerprint = encoder_fingerprint(vpit_config(accelerator, model), processor.preprocess_config)
+    loader = build_batches(
+        recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch, encoder_fingerprint=fingerprint
+    )
     evaluate = None
     if recipe.data.eval_mixture and recipe.train.eval_every:
         evaluate = periodic_evaluation(accelerator, model, processor, recipe, run_dir)
