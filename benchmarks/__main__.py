@@ -6,7 +6,8 @@ Runs each benchmark as its own process (`python -m benchmarks.<name>`, default a
 timed runs after a warm-up; see each module's docstring), prints its table, reads the JSON it writes to
 benchmarks/results/, and ends with a table of every measure (figure, goal, met?) written to
 benchmarks/results/summary.json. A benchmark that fails is reported and the others still run; the exit status is
-non-zero then. About 10 minutes on 2 shared CPU cores (budget: 20). MetaMorph's Finding-1 experiment
+non-zero then. About 10 minutes on 2 shared CPU cores (budget: 20). `decoder_robustness` measures the toy models
+`make demo` trains, and says so instead of running when outputs/demo holds none. MetaMorph's Finding-1 experiment
 (`benchmarks.finding1`) is not part of the suite: it needs `make demo` first and takes ~20 minutes on its own.
 """
 
@@ -115,6 +116,19 @@ def _feature_cache(r: dict[str, Any]) -> list[Row]:
     ]  # fmt: skip
 
 
+def _decoder_robustness(r: dict[str, Any]) -> list[Row]:
+    accuracy, ci = r["accuracy"], r["ci95"]
+    rows = []
+    for name in accuracy:
+        low, high = ci[name]
+        label = name if name != "teacher-forced" else f"teacher-forced (cos {r['teacher_forced_mean_cosine']:.3f})"
+        rows.append(
+            Row("decoder_robustness", f"reconstruction from {label} tokens", f"{accuracy[name]:.1%}",
+                f"[{low:.0%}, {high:.0%}]", None)
+        )  # fmt: skip
+    return rows
+
+
 # name -> (extra arguments, JSON file it writes, summary rows from that JSON)
 BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]]]] = {
     "data_pipeline": ([], "data_pipeline.json", _data_pipeline),
@@ -125,6 +139,7 @@ BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]
     "zero3_memory": ([], "zero3_memory.json", _zero3),
     "memory": ([], "memory.json", _memory),
     "feature_cache": ([], "feature_cache.json", _feature_cache),
+    "decoder_robustness": ([], "decoder_robustness.json", _decoder_robustness),
 }
 
 
@@ -145,6 +160,9 @@ def run(name: str, extra: list[str], timeout: float) -> tuple[bool, float, str]:
     return ok, time.perf_counter() - start, tail
 
 
+NEEDS_DEMO = {"decoder_robustness"}  # benchmarks of the trained toy models (`make demo` writes them)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run these benchmarks only")
@@ -156,8 +174,13 @@ def main() -> None:
     rows: list[Row] = []
     seconds: dict[str, float] = {}
     failed: dict[str, str] = {}
+    demo = ROOT / "outputs" / "demo"
     for name in names:
         extra, json_name, summarise = BENCHMARKS[name]
+        if name in NEEDS_DEMO and not (demo / "decoder" / "model_index.json").is_file():
+            print(f"\n=== {name}: not run, it needs `make demo`'s outputs in {demo}", flush=True)
+            rows.append(Row(name, "not run: needs `make demo` first", "-", "-", None))
+            continue
         ok, seconds[name], tail = run(name, extra, args.timeout)
         if not ok:
             failed[name] = tail

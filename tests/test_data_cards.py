@@ -71,6 +71,8 @@ def _write_card(tmp_path, **changes):
         ({"source": {"data_files": ["x.parquet"]}}, r"must be \.json or \.jsonl"),
         ({"source": {"split": "train"}}, "give data_files .* or hub_id"),
         ({"fields": {"imgae": "jpg"}}, r"fields \['imgae'\] are not fields of the 'caption' format"),
+        ({"response_template": []}, "a string or a non-empty list of strings"),
+        ({"response_template": ["<image>", "no image here"]}, "'no image here' must hold <image> exactly once"),
     ],
 )
 def test_malformed_cards_are_refused(tmp_path, changes, message):
@@ -144,3 +146,21 @@ def test_without_image_folder_image_paths_stay_inside_the_card_folder(tmp_path):
     for sample in samples[1:]:
         with pytest.raises(RecordError, match="path_escapes_root"):
             load_record_image(sample.images[0], sample.image_root)
+
+
+def test_a_list_of_response_templates_is_drawn_per_record():
+    """The toy generation card answers half of its records with the image first (what `start_with_image` and chat's
+    /draw force), the other half with the lead-in sentence; the draw is seeded per record."""
+    card = DataCard.load("data_cards/toy_generation.yaml")
+    assert card.response_template == ["Here is an image based on your request: <image>", "<image>"]
+    answers = [
+        card.to_sample(i, {"image": "x.png", "caption": "a red circle"}).messages[1]["content"] for i in range(64)
+    ]
+    assert set(answers) == set(card.response_template)
+    assert 16 <= answers.count("<image>") <= 48
+    again = [card.to_sample(i, {"image": "x.png", "caption": "a red circle"}).messages[1]["content"] for i in range(64)]
+    assert again == answers
+    prompts = {
+        card.to_sample(i, {"image": "x.png", "caption": "a red circle"}).messages[0]["content"] for i in range(64)
+    }
+    assert "a red circle" in prompts  # the bare caption is one of the prompts

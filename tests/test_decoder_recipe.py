@@ -73,3 +73,57 @@ def test_decoder_resume_reproduces_the_loss_curve(tiny_clip, tmp_path):
         y = load_file(str(resumed / "final" / part / "diffusion_pytorch_model.safetensors"))
         for key in x:
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["generated", "teacher_forced"])
+def test_decoder_trains_on_the_vpit_models_own_predictions(mode, tiny_vpit, tiny_clip, tmp_path, monkeypatch):
+    """decoder.predicted_tokens_from: the VPiT model's predictions for the mixture's generation records are computed
+    once (one per record image, with their cosine to the encoder's tokens), and the decoder is conditioned on them
+    for the asked share of those images, on the encoder's tokens otherwise."""
+    import json
+
+    from vpit.data.cards import DataCard
+    from vpit.data.features import image_key
+    from vpit.training.stages import decoder as stage
+
+    model, processor = tiny_vpit
+    model.save_pretrained(tmp_path / "vpit")
+    processor.save_pretrained(tmp_path / "vpit")
+    out = tmp_path / "decoder"
+    extra = {
+        "train.max_steps": 2,
+        "train.checkpoint_every": 0,
+        "decoder.predicted_tokens_from": str(tmp_path / "vpit"),
+        "decoder.predicted_tokens_mode": mode,
+    }
+    run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, out, **extra))
+    stats = json.loads((out / "predicted_tokens.json").read_text())
+    card = DataCard.load("data_cards/toy_generation.yaml")
+    records = [card.to_sample(i, r, use_sample=True) for i, r in card.records(use_sample=True)]
+    assert stats["mode"] == mode and stats["records"] == len(records) == 6
+    predictions = load_file(out / "predicted_tokens.safetensors")
+    assert stats["predictions"] + stats["no_image"] == 6 and len(predictions) == stats["predictions"]
+    if mode == "teacher_forced":  # one forward pass, always an image's worth of predictions
+        assert stats["no_image"] == 0
+    keys = {image_key(s.images[0], s.image_root)[0] for s in records}
+    assert set(predictions) <= keys
+    assert all(t.shape == (4, model.vision_tower.hidden_size) for t in predictions.values())
+    assert -1 < stats["mean_cosine_to_encoder_tokens"] < 1
+
+    # The conditioning: with fraction 1 every image that has a prediction is decoded from it, the others from the
+    # encoder's tokens; with fraction 0 none is.
+    seen = []
+    monkeypatch.setattr(stage, "decoder_loss", lambda unet, projector, scheduler, tokens, **kw: seen.append(tokens))
+    trainable = stage.DecoderTrainable.__new__(stage.DecoderTrainable)
+    torch.nn.Module.__init__(trainable)
+    encoded = torch.randn(3, 4, 8)
+    trainable._frozen = {"encoder": lambda pixels: encoded, "vae": None, "scheduler": None}
+    trainable.unet = trainable.projector = None
+    predicted, has = torch.full((3, 4, 8), 7.0), torch.tensor([True, False, True])
+    for fraction, expected in ((1.0, [True, False, True]), (0.0, [False, False, False])):
+        trainable.settings = type("S", (), {"predicted_tokens_fraction": fraction, "condition_dropout": 0,
+                                            "prediction_type": None, "snr_gamma": None, "noise_offset": 0,
+                                            "token_noise": 0})()  # fmt: skip
+        trainable(None, torch.zeros(3, 3, 8, 8), torch.Generator().manual_seed(0), predicted, has)
+        used = [bool((seen[-1][i] == 7.0).all()) for i in range(3)]
+        assert used == expected

@@ -13,7 +13,15 @@ import torch
 from nbclient import NotebookClient
 
 from vpit.toy import ToyObject, render
-from vpit.toy.evaluate import TARGETS, markdown_report, meets_targets, nearest_composition
+from vpit.toy.evaluate import (
+    PARAPHRASES,
+    TARGETS,
+    markdown_report,
+    meets_targets,
+    mode_prompts,
+    nearest_composition,
+    wilson_interval,
+)
 from vpit.toy.world import compositions
 from vpit.training.evaluation import normalize_answer
 
@@ -37,19 +45,32 @@ def test_fast_demo_writes_every_artefact(demo):
     for name in ("report.md", "report.json", "eval_toy.json", "eval_toy.md", "generation_grid.png"):
         assert (out / name).is_file(), name
     assert (out / "reconstruction_grid.png").is_file()
-    assert {p.name for p in (out / "loss_curves").iterdir()} == {"bridge.png", "vpit.png", "decoder.png"}
+    curves = {p.name for p in (out / "loss_curves").iterdir()}
+    assert curves == {"bridge.png", "vpit.png", "decoder.png", "decoder_predicted.png"}
     assert (out / "model" / "config.json").is_file() and (out / "decoder" / "model_index.json").is_file()
     assert {p.name for p in (work / "backbones").iterdir()} >= {"clip", "llm", "vae", "backbones.json"}
     report = json.loads((out / "report.json").read_text())
     # This machine has 2 cores: the decoder trained alongside the VPiT stage, its output in WORK/decoder.log.
     assert report["workers"] == 2
-    assert set(report["timings_s"]) == {"data", "backbones", "bridge", "vpit + decoder, side by side", "eval", "total"}
-    assert set(report["stage_seconds"]) == {"vpit", "decoder"}
-    assert max(report["stage_seconds"].values()) <= report["timings_s"]["vpit + decoder, side by side"]
+    assert set(report["timings_s"]) == {
+        "data",
+        "backbones",
+        "bridge",
+        "vpit + decoder, side by side",
+        "decoder on predictions",
+        "eval",
+        "total",
+    }
+    assert set(report["stage_seconds"]) == {"vpit", "decoder", "decoder_predicted"}
+    side_by_side = report["timings_s"]["vpit + decoder, side by side"]
+    assert max(report["stage_seconds"]["vpit"], report["stage_seconds"]["decoder"]) <= side_by_side
     assert "[vpit] decoder: 6 steps" in (work / "decoder.log").read_text()
     assert set(report["targets_met"]) == set(TARGETS)
-    for stage in ("bridge", "vpit", "decoder"):
+    for stage in ("bridge", "vpit", "decoder", "decoder_predicted"):
         assert report["training"][stage]["steps"] == 6, stage
+    # The last stage decoded the VPiT model's own predictions of the generation records (24 in the fast demo).
+    stats = json.loads((work / "decoder_predicted" / "predicted_tokens.json").read_text())
+    assert stats["records"] == 24 and stats["predictions"] + stats["no_image"] == 24
     evaluation = report["evaluation"]
     assert evaluation["understanding"]["n"] == 5 * 2  # five question types, two questions each
     assert evaluation["generation"]["in_distribution"]["n"] == 150
@@ -96,13 +117,14 @@ def test_answer_normalisation_and_targets():
     assert normalize_answer("  Red. ") == "red"
     assert normalize_answer("a small red circle  on the left.") == "a small red circle on the left"
     accuracy = {"size": 1.0, "colour": 1.0, "shape": 1.0, "position": 1.0, "all": 0.92, "n": 150.0}
+    held_out = {**accuracy, "all": 0.4, "n": 30.0, "all_ci95": wilson_interval(12, 30)}
     report = {
         "model": "m",
         "decoder": "d",
         "settings": {"seed": 0},
         "seconds": 1.0,
         "understanding": {"overall": 0.96, "per_type": {"colour": 0.96}, "n": 300, "mistakes": []},
-        "generation": {"in_distribution": accuracy, "held_out": {**accuracy, "all": 0.4, "n": 30.0}, "no_image": 0},
+        "generation": {"in_distribution": accuracy, "held_out": held_out, "no_image": 0},
         "reconstruction": {**accuracy, "all": 0.97, "n": 180.0},
     }
     assert meets_targets(report) == {
@@ -112,7 +134,14 @@ def test_answer_normalisation_and_targets():
         "reconstruction": True,
     }
     markdown = markdown_report(report)
-    assert "| generation, all four right, held-out compositions (n=30) | 40.0% | >= 50% |" in markdown
+    assert "| generation, all four right, held-out compositions (n=30) | 40.0% [24.6, 57.7] | >= 60.0% |" in markdown
+    # Each way of asking for an image is judged against the same targets.
+    report["generation"]["modes"] = {
+        "plain": {"in_distribution": accuracy, "held_out": {**accuracy, "all": 0.7}},
+        "draw": {"in_distribution": accuracy, "held_out": held_out, "no_image": 0},
+    }
+    assert meets_targets(report)["generation_draw"] is False
+    assert "| draw | 92.0% [92.0, 92.0] (n=150) | 40.0% [24.6, 57.7] (n=30) |" in markdown_report(report)
     report["generation"]["tokens"] = {"in_distribution": accuracy, "held_out": {**accuracy, "all": 0.8, "n": 30.0}}
     markdown = markdown_report(report)
     assert "| held-out, token space | 100.0% | 100.0% | 100.0% | 100.0% | 80.0% |" in markdown
@@ -190,3 +219,26 @@ def test_finding1_mixture_caps_the_generation_records(tmp_path):
     assert "toy_generation.yaml, weight: 1.0, cap: 300" in only and "understanding" not in only
     both = _mixture(tmp_path, 300, with_understanding=True)
     assert f"data_files: [{tmp_path / 'data' / 'understanding' / 'records.jsonl'}]" in both
+
+
+def test_wilson_interval_and_the_prompt_modes():
+    # Reference values of the 95 % Wilson score interval (z = 1.96).
+    assert wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert wilson_interval(0, 30) == pytest.approx([0.0, 0.1135], abs=1e-4)
+    assert wilson_interval(450, 450)[1] == 1.0 and wilson_interval(450, 450)[0] == pytest.approx(0.99154, abs=1e-4)
+    import random
+
+    from vpit.data.formats import GENERATION_TEMPLATES
+    from vpit.toy.world import ToyObject
+
+    objects = [ToyObject("small", "red", "circle", "left"), ToyObject("large", "blue", "square", "top")]
+    plain, forced = mode_prompts("plain", objects, random.Random(0))
+    assert not forced and all(any(p == t.format(caption=o.caption) for t in GENERATION_TEMPLATES)
+                              for p, o in zip(plain, objects))  # fmt: skip
+    assert mode_prompts("start_with_image", objects, random.Random(0)) == (plain, True)
+    paraphrased, forced = mode_prompts("paraphrase", objects, random.Random(0))
+    assert not forced and all(p not in {t.format(caption=o.caption) for t in GENERATION_TEMPLATES}
+                              for p, o in zip(paraphrased, objects))  # fmt: skip
+    assert all(any(p == t.format(caption=o.caption) for t in PARAPHRASES) for p, o in zip(paraphrased, objects))
+    assert mode_prompts("draw", objects, random.Random(0)) == (["a small red circle on the left",
+                                                                "a large blue square at the top"], True)  # fmt: skip

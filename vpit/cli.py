@@ -95,6 +95,9 @@ def _eval_toy(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         questions_per_type=args.questions_per_type,
         generation_repeats=args.generation_repeats,
+        held_out_repeats=args.held_out_repeats,
+        reconstruction_repeats=args.reconstruction_repeats,
+        modes=tuple(args.modes),
         batch_size=args.batch_size,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -328,7 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     eval_toy.add_argument("--decoder", required=True, help="a decoder folder (e.g. outputs/demo/decoder)")
     eval_toy.add_argument("--out", default="eval_toy", help="folder for the report and grids")
     eval_toy.add_argument("--questions-per-type", type=int, default=60)
-    eval_toy.add_argument("--generation-repeats", type=int, default=1, help="renders per composition")
+    eval_toy.add_argument("--generation-repeats", type=int, default=2, help="prompts per composition")
+    eval_toy.add_argument(
+        "--held-out-repeats", type=int, default=3, help="prompts per held-out composition (3: 90 prompts)"
+    )
+    eval_toy.add_argument("--reconstruction-repeats", type=int, default=2, help="renders per composition")
+    eval_toy.add_argument(
+        "--modes",
+        nargs="*",
+        default=["start_with_image", "paraphrase", "draw"],
+        help="other ways of asking for an image to judge, each on every composition once (none: plain prompts only)",
+    )
     eval_toy.add_argument("--batch-size", type=int, default=32)
     eval_toy.add_argument("--steps", type=int, default=25, help="decoder denoising steps")
     eval_toy.add_argument("--guidance-scale", type=float, default=3.0)

@@ -80,7 +80,7 @@ class DataCard:
     sample: SourceLocation | None = None
     fields: dict[str, str] = field(default_factory=dict)
     templates: list[str] | None = None
-    response_template: str | None = None
+    response_template: str | list[str] | None = None
     path: Path | None = None
 
     @classmethod
@@ -114,6 +114,12 @@ class DataCard:
             )
         if data.get("templates") is not None and not all(isinstance(t, str) for t in data["templates"]):
             raise ValueError(f"{path}: templates must be a list of strings")
+        responses = data.get("response_template")
+        if isinstance(responses, list) and (not responses or not all(isinstance(r, str) for r in responses)):
+            raise ValueError(f"{path}: response_template must be a string or a non-empty list of strings")
+        for response in responses if isinstance(responses, list) else [responses] if responses else []:
+            if response.count("<image>") != 1:
+                raise ValueError(f"{path}: response_template {response!r} must hold <image> exactly once")
         return cls(**data, path=path)
 
     def location(self, use_sample: bool = False) -> SourceLocation:

@@ -206,6 +206,13 @@ def _lower_first(text: str) -> str:
     return text
 
 
+def _response(template: str | Sequence[str] | None, default: str, pick: random.Random) -> str:
+    """The assistant turn: the card's response template, one of its list picked per record, or the default."""
+    if isinstance(template, str):
+        return template
+    return pick.choice(list(template)) if template else default
+
+
 def record_to_sample(
     record: Mapping[str, Any],
     fmt: str,
@@ -215,7 +222,7 @@ def record_to_sample(
     task: str | None = None,
     fields: Mapping[str, str] | None = None,
     templates: Sequence[str] | None = None,
-    response_template: str | None = None,
+    response_template: str | Sequence[str] | None = None,
     image_root: Path | None = None,
     seed: int = 0,
 ) -> Sample:
@@ -265,10 +272,11 @@ def record_to_sample(
     elif fmt == "caption":
         caption = _lower_first(_text(_field(record, fields, "caption"), "caption"))
         prompts = list(templates or GENERATION_TEMPLATES)
-        prompt = random.Random(seed * 1_000_003 + index).choice(prompts)
+        pick = random.Random(seed * 1_000_003 + index)
+        prompt = pick.choice(prompts)  # then the response, from the same draw sequence
         messages = [
             {"role": "user", "content": prompt.format(caption=caption)},
-            {"role": "assistant", "content": response_template or GENERATION_RESPONSE},
+            {"role": "assistant", "content": _response(response_template, GENERATION_RESPONSE, pick)},
         ]
         images = [_field(record, fields, "image")]
         default_task = "generation"
@@ -277,7 +285,7 @@ def record_to_sample(
         template = (templates or [EDIT_TEMPLATE])[0]
         messages = [
             {"role": "user", "content": template.format(instruction=instruction)},
-            {"role": "assistant", "content": response_template or IMAGE_MARKER},
+            {"role": "assistant", "content": _response(response_template, IMAGE_MARKER, random.Random(index))},
         ]
         images = [_field(record, fields, "input_image"), _field(record, fields, "output_image")]
         default_task = "other_visual"
@@ -288,7 +296,7 @@ def record_to_sample(
         prompt = record.get(fields["prompt"]) or (templates or [FRAMES_PROMPT])[0]
         messages = [
             {"role": "user", "content": IMAGE_MARKER * (len(frames) - 1) + " " + _text(prompt, "prompt")},
-            {"role": "assistant", "content": response_template or IMAGE_MARKER},
+            {"role": "assistant", "content": _response(response_template, IMAGE_MARKER, random.Random(index))},
         ]
         images = frames
         default_task = "other_visual"

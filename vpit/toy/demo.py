@@ -1,14 +1,15 @@
 """`make demo` / `python -m vpit.toy.demo`: the whole VPiT loop on the toy world, end to end on a CPU.
 
-    python -m vpit.toy.demo --out outputs/demo [--work outputs/toy] [--fast] [--workers 1|2]
+    python -m vpit.toy.demo --out outputs/demo [--work outputs/toy] [--seed 0] [--fast] [--workers 1|2]
 
 Steps, each timed and shown with a progress bar:
 
 1. data: seeded toy sets (understanding, generation, editing) rendered by `vpit.toy.world` into WORK/data;
 2. backbones: the toy CLIP (open_clip, contrastive), tokenizer + Llama (LM-pretrained) and VAE, into
    WORK/backbones (`vpit.toy.backbones`);
-3. the three training stages, each through the real entry point (`python -m vpit.train recipes/toy/*.yaml` with
-   overrides that point at WORK): `bridge` (LLM frozen), `vpit` (LLM + bridge + visual head), `decoder`;
+3. the training stages, each through the real entry point (`python -m vpit.train recipes/toy/*.yaml` with
+   overrides that point at WORK): `bridge` (LLM frozen), `vpit` (LLM + bridge + visual head), `decoder` (on the
+   encoder's tokens), then `decoder_predicted` (the decoder continued on the VPiT model's own predicted tokens);
 4. `vpit eval toy` on fresh renders.
 
 On two or more cores, two processes (one torch thread each) train at once: the CLIP alongside the Llama + VAE, and
@@ -48,6 +49,7 @@ class DemoPlan:
     bridge: dict[str, Any]
     vpit: dict[str, Any]
     decoder: dict[str, Any]
+    decoder_predicted: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -58,7 +60,15 @@ class DemoPlan:
             bridge={},
             vpit={},
             decoder={},
-            eval={"questions_per_type": 40, "num_inference_steps": 25},
+            decoder_predicted={},
+            eval={
+                "questions_per_type": 40,
+                "num_inference_steps": 25,
+                "generation_repeats": 2,  # 300 in-distribution prompts
+                "held_out_repeats": 3,  # 90 held-out prompts
+                "reconstruction_repeats": 2,
+                "modes": ("start_with_image", "paraphrase", "draw"),
+            },
         )
 
     @classmethod
@@ -70,6 +80,7 @@ class DemoPlan:
             bridge=dict(steps),
             vpit=dict(steps),
             decoder={**steps, "train.eval_every": 0, "decoder.validation_steps": 2},
+            decoder_predicted={**steps, "train.eval_every": 0, "decoder.validation_steps": 2},
             eval={
                 "questions_per_type": 2,
                 "generation_repeats": 1,
@@ -153,9 +164,11 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
 
 
-def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None) -> dict[str, Any]:
+def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Run the plan; return the report (also written to OUT/report.json and OUT/report.md).
 
+    seed: of the data, the backbones and every training stage (model init, data order, noise); the evaluation keeps
+        its own seed, so that runs of different seeds are judged on the same prompts and renders.
     workers: how many processes train at once (default: 2 when the machine has 2 or more cores, else 1). With 2,
         the CLIP trains alongside the Llama + VAE, and the decoder stage alongside the VPiT stage, each process on
         one torch thread.
@@ -174,15 +187,15 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None) 
         return time.perf_counter()
 
     start = step("toy data")
-    write_toy_data(work / "data", plan.data, seed=0)
+    write_toy_data(work / "data", plan.data, seed=seed)
     timings["data"] = time.perf_counter() - start
 
     start = step("backbones: toy CLIP, tokenizer + Llama, VAE")
-    backbones = build_toy_backbones(work / "backbones", seed=0, fast=plan.backbones_fast, workers=min(workers, 2))
+    backbones = build_toy_backbones(work / "backbones", seed=seed, fast=plan.backbones_fast, workers=min(workers, 2))
     timings["backbones"] = time.perf_counter() - start
 
-    runs = {stage: work / stage for stage in ("bridge", "vpit", "decoder")}
-    common = {"tracking.report_to": "[]"}
+    runs = {stage: work / stage for stage in ("bridge", "vpit", "decoder", "decoder_predicted")}
+    common = {"tracking.report_to": "[]", "train.seed": seed, "data.seed": seed}
     start = step("stage 1: bridge (LLM frozen)")
     _train(
         "bridge",
@@ -236,13 +249,31 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None) 
             _train(*job)
             timings[job[0]] = stage_seconds[job[0]] = time.perf_counter() - start
 
+    # The decoder continues on what it will decode: the VPiT model's own predicted tokens for the generation prompts.
+    start = step("stage 4: the decoder on the VPiT model's predicted tokens")
+    _train(
+        "decoder_predicted",
+        {
+            **common,
+            "model.pretrained": runs["bridge"] / "final",
+            "decoder.init": runs["decoder"] / "final",
+            "decoder.predicted_tokens_from": runs["vpit"] / "final",
+            "data.mixture": _mixture(work, {"generation": 1.0, "understanding": 1.0}),
+            "train.output_dir": runs["decoder_predicted"],
+            "train.torch_threads": max(1, workers),
+            **plan.decoder_predicted,
+        },
+    )
+    timings["decoder on predictions"] = stage_seconds["decoder_predicted"] = time.perf_counter() - start
+
     start = step("evaluation (vpit eval toy)")
     settings = EvalSettings(**plan.eval)
-    evaluation = evaluate_toy(runs["vpit"] / "final", runs["decoder"] / "final", out=out, settings=settings)
+    decoder = runs["decoder_predicted"] / "final"
+    evaluation = evaluate_toy(runs["vpit"] / "final", decoder, out=out, settings=settings)
     timings["eval"] = time.perf_counter() - start
 
     _copy(runs["vpit"] / "final", out / "model")
-    _copy(runs["decoder"] / "final", out / "decoder")
+    _copy(decoder, out / "decoder")
     curves = out / "loss_curves"
     curves.mkdir(exist_ok=True)
     for stage, run in runs.items():
@@ -250,6 +281,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None) 
             shutil.copy(run / "loss_curve.png", curves / f"{stage}.png")
     report = {
         "plan": asdict(plan),
+        "seed": seed,
         "timings_s": {k: round(v, 1) for k, v in timings.items()} | {"total": round(sum(timings.values()), 1)},
         "workers": workers,
         "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
@@ -271,6 +303,7 @@ def demo_markdown(report: dict[str, Any], evaluation_md: str) -> str:
         "",
         "The whole loop on the toy world (docs/toy_world.md): locally pretrained toy backbones, the bridge stage, the",
         "VPiT stage and the diffusion decoder, judged by the toy world's pixel classifier on fresh renders.",
+        f"Seed {report.get('seed', 0)} (data, backbones, training; the evaluation has its own).",
         "",
         "| step | seconds |",
         "|---|---|",
@@ -294,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where the results go")
     parser.add_argument("--work", type=Path, default=Path("outputs/toy"), help="data, backbones and run folders")
     parser.add_argument("--fast", action="store_true", help="a few steps of everything (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, backbones and training (default 0)")
     parser.add_argument(
         "--workers",
         type=int,
@@ -303,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     plan = DemoPlan.fast() if args.fast else DemoPlan.full()
-    run_demo(args.out.resolve(), args.work.resolve(), plan, workers=args.workers)
+    run_demo(args.out.resolve(), args.work.resolve(), plan, workers=args.workers, seed=args.seed)
     return 0
 
 

@@ -244,13 +244,14 @@ def build_batches(
 
 
 def _concat_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Image batches for the decoder: every image of every sample, concatenated."""
-    return {
-        "encoder_pixels": torch.cat([s["encoder_pixels"] for s in samples]),
-        "images": torch.cat([s["images"] for s in samples]),
-        "num_samples": sum(len(s["images"]) for s in samples),
-        "num_skipped": 0,
+    """Image batches for the decoder: every image of every sample, concatenated (and, when the samples carry them,
+    their predicted tokens and which images have one)."""
+    batch: dict[str, Any] = {
+        key: torch.cat([s[key] for s in samples])
+        for key in ("encoder_pixels", "images", "predicted_tokens", "has_prediction")
+        if key in samples[0]
     }
+    return batch | {"num_samples": sum(len(s["images"]) for s in samples), "num_skipped": 0}
 
 
 def build_image_batches(

@@ -298,6 +298,25 @@ class DecoderSection:
             "std of Gaussian noise on the visual tokens in training (robustness to predicted tokens); 0: off"
         ),
     )
+    predicted_tokens_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "a trained VPiT model folder: its own predicted visual tokens for the generation records' prompts, paired "
+            "with the records' images, condition the decoder too (what it decodes at generation time, not only the "
+            "encoder's exact tokens); null: encoder tokens only"
+        ),
+    )
+    predicted_tokens_mode: str = field(
+        default="generated",
+        metadata=_help(
+            "'generated': the tokens the model generates from the prompt alone (what generation feeds the decoder); "
+            "'teacher_forced': its predictions with the true image tokens as context"
+        ),
+    )
+    predicted_tokens_fraction: float = field(
+        default=0.5,
+        metadata=_help("share of the images with a prediction that are conditioned on it (the rest: encoder tokens)"),
+    )
     ema_decay: float | None = field(default=0.9999, metadata=_help("EMA of UNet + projector; null: no EMA"))
     validation_images: int = field(default=4, metadata=_help("held-out images in each reconstruction grid"))
     validation_steps: int = field(default=25, metadata=_help("denoising steps of the reconstruction grid"))
@@ -316,6 +335,14 @@ class DecoderSection:
             raise ValueError(f"decoder.token_noise must be >= 0, got {self.token_noise}")
         if self.spatial_channels < 0:
             raise ValueError(f"decoder.spatial_channels must be >= 0, got {self.spatial_channels}")
+        if self.predicted_tokens_mode not in ("generated", "teacher_forced"):
+            raise ValueError(
+                f"decoder.predicted_tokens_mode must be generated or teacher_forced, got {self.predicted_tokens_mode!r}"
+            )
+        if not 0 <= self.predicted_tokens_fraction <= 1:
+            raise ValueError(
+                f"decoder.predicted_tokens_fraction is a probability, got {self.predicted_tokens_fraction}"
+            )
 
 
 @dataclass(kw_only=True)

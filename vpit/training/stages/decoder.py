@@ -3,7 +3,9 @@
 Trained on images alone: image -> frozen vision encoder -> z (B, K, Dv) -> projector -> UNet context; the UNet
 learns to denoise the image (or its VAE latents) under that context, with condition dropout to the all-zero
 context for classifier-free guidance. The VAE and the encoder stay frozen; the projector and the UNet train, with
-an EMA copy. Reads top to bottom.
+an EMA copy. With `decoder.predicted_tokens_from`, a share of the generation records' images are conditioned on a
+trained VPiT model's own predicted tokens for their prompts instead (`vpit.training.predictions`): what the decoder
+receives at generation time. Reads top to bottom.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from torchvision import transforms
 
 from ...data.cards import parse_mixture
+from ...data.features import image_key
 from ...data.records import RecordError, Sample, load_record_image
 from ...decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel
 from ...hub import push_folder, write_model_card
@@ -34,6 +37,7 @@ from ..config import DecoderRecipe, check_against_config
 from ..diffusion import EMACheckpoint, create_decoder_ema, decoder_loss, validation_reconstructions
 from ..evaluation import held_out_samples
 from ..loop import plot_loss_curve, train_loop
+from ..predictions import generation_samples, load_predictions, predict_generation_tokens, save_predictions
 
 
 class DecoderTrainable(nn.Module):
@@ -51,9 +55,21 @@ class DecoderTrainable(nn.Module):
         }
         self.settings = recipe.decoder
 
-    def forward(self, encoder_pixels: torch.Tensor, images: torch.Tensor, generator: torch.Generator) -> Any:
+    def forward(
+        self,
+        encoder_pixels: torch.Tensor,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        predicted_tokens: torch.Tensor | None = None,
+        has_prediction: torch.Tensor | None = None,
+    ) -> Any:
         with torch.no_grad():
             visual_tokens = self._frozen["encoder"](encoder_pixels)  # (B, K, Dv), frozen
+            if predicted_tokens is not None and has_prediction is not None:
+                # The VPiT model's own predictions for a share of the images that have one (see predictions.py).
+                draw = torch.rand(len(has_prediction), generator=generator).to(has_prediction.device)
+                use = has_prediction & (draw < self.settings.predicted_tokens_fraction)
+                visual_tokens = torch.where(use[:, None, None], predicted_tokens.to(visual_tokens.dtype), visual_tokens)
         return decoder_loss(
             self.unet,
             self.projector,
@@ -119,10 +135,12 @@ def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
 
 class ImageEncoder:
     """Sample -> its images, twice: for the vision encoder (its own transform) and for the decoder ([-1, 1] at the
-    training resolution). Picklable, for DataLoader workers."""
+    training resolution); with `predicted` ({image key: (K, Dv)}), also each image's predicted tokens (zeros and
+    `has_prediction` False where there is none). Picklable, for DataLoader workers."""
 
-    def __init__(self, encoder_transform: Any, resolution: int):
+    def __init__(self, encoder_transform: Any, resolution: int, predicted: dict[str, torch.Tensor] | None = None):
         self.encoder_transform = encoder_transform
+        self.predicted = predicted
         self.decoder_transform = transforms.Compose(
             [
                 transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -136,10 +154,38 @@ class ImageEncoder:
         if not sample.images:
             raise RecordError("bad_record", "the decoder trains on images; this record has none")
         images = [load_record_image(image, sample.image_root) for image in sample.images]
-        return {
+        encoded = {
             "encoder_pixels": torch.stack([self.encoder_transform(i) for i in images]),
             "images": torch.stack([self.decoder_transform(i) for i in images]),
         }
+        if self.predicted:
+            found = [image_key(image, sample.image_root) for image in sample.images]
+            tokens = [self.predicted.get(key[0]) if key is not None else None for key in found]
+            zeros = torch.zeros_like(next(iter(self.predicted.values())))
+            encoded["predicted_tokens"] = torch.stack([zeros if t is None else t for t in tokens])
+            encoded["has_prediction"] = torch.tensor([t is not None for t in tokens])
+        return encoded
+
+
+PREDICTIONS_FILE = "predicted_tokens.safetensors"
+
+
+def _write_predictions(recipe: DecoderRecipe, run_dir: Path) -> None:
+    """The VPiT model's predictions for the mixture's generation records, computed once (by the main process) into
+    RUN/predicted_tokens.safetensors, with their statistics in RUN/predicted_tokens.json; a resumed run reuses them."""
+    settings = recipe.decoder
+    assert settings.predicted_tokens_from is not None
+    cards = [entry.load() for entry in parse_mixture(recipe.data.mixture)]
+    samples = generation_samples(cards, recipe.data.use_sample)
+    if not samples:
+        raise ValueError("decoder.predicted_tokens_from is set but the mixture has no generation records")
+    predictions, stats = predict_generation_tokens(
+        settings.predicted_tokens_from, samples, settings.predicted_tokens_mode
+    )
+    save_predictions(run_dir / PREDICTIONS_FILE, predictions, stats)
+    (run_dir / "predicted_tokens.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"[vpit] decoder: {stats['predictions']} {stats['mode']} predictions, cosine "
+          f"{stats['mean_cosine_to_encoder_tokens']:.3f} to the encoder's tokens, {stats['seconds']:.0f} s")  # fmt: skip
 
 
 def run(recipe: DecoderRecipe) -> Path:
@@ -182,14 +228,22 @@ def run(recipe: DecoderRecipe) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     if pipeline.vision_encoder is None:
         raise ValueError("the decoder stage needs the pipeline's vision encoder (images -> visual tokens)")
-    encode = ImageEncoder(pipeline.vision_encoder.image_transform(), resolution)
+    predicted = None
+    if settings.predicted_tokens_from:
+        if accelerator.is_main_process and not (run_dir / PREDICTIONS_FILE).is_file():
+            _write_predictions(recipe, run_dir)
+        accelerator.wait_for_everyone()
+        predicted = load_predictions(run_dir / PREDICTIONS_FILE)
+    encode = ImageEncoder(pipeline.vision_encoder.image_transform(), resolution, predicted)
     loader = build_image_batches(recipe.data, encode, rank, world, run_dir, start_batch=state.next_batch)
     params = unet_params + projector_params
 
     def compute_loss(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Noise, timesteps and dropout are drawn from (seed, step, rank): a resumed run draws the same ones.
         generator = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step * 1009 + rank)
-        out = model(batch["encoder_pixels"].to(accelerator.device), batch["images"].to(accelerator.device), generator)
+        device = accelerator.device
+        predicted = {k: batch[k].to(device) for k in ("predicted_tokens", "has_prediction") if k in batch}
+        out = model(batch["encoder_pixels"].to(device), batch["images"].to(device), generator, **predicted)
         return out.loss, {"loss": out.loss, "mse": out.mse}
 
     def after_step() -> None:
