@@ -234,11 +234,13 @@ def test_wilson_interval_and_the_prompt_modes():
     objects = [ToyObject("small", "red", "circle", "left"), ToyObject("large", "blue", "square", "top")]
     plain, forced = mode_prompts("plain", objects, random.Random(0))
     assert not forced and all(any(p == t.format(caption=o.caption) for t in GENERATION_TEMPLATES)
-                              for p, o in zip(plain, objects))  # fmt: skip
+                              for p, o in zip(plain, objects, strict=True))  # fmt: skip
     assert mode_prompts("start_with_image", objects, random.Random(0)) == (plain, True)
     paraphrased, forced = mode_prompts("paraphrase", objects, random.Random(0))
     assert not forced and all(p not in {t.format(caption=o.caption) for t in GENERATION_TEMPLATES}
-                              for p, o in zip(paraphrased, objects))  # fmt: skip
-    assert all(any(p == t.format(caption=o.caption) for t in PARAPHRASES) for p, o in zip(paraphrased, objects))
+                              for p, o in zip(paraphrased, objects, strict=True))  # fmt: skip
+    assert all(
+        any(p == t.format(caption=o.caption) for t in PARAPHRASES) for p, o in zip(paraphrased, objects, strict=True)
+    )
     assert mode_prompts("draw", objects, random.Random(0)) == (["a small red circle on the left",
                                                                 "a large blue square at the top"], True)  # fmt: skip
