@@ -244,3 +244,14 @@ def test_wilson_interval_and_the_prompt_modes():
     )
     assert mode_prompts("draw", objects, random.Random(0)) == (["a small red circle on the left",
                                                                 "a large blue square at the top"], True)  # fmt: skip
+
+
+def test_robustness_benchmark_perturbs_tokens_to_exactly_the_asked_cosine():
+    from benchmarks.decoder_robustness import perturbed
+
+    tokens = torch.nn.functional.normalize(torch.randn(6, 16, 32), dim=-1)
+    for cosine in (0.99, 0.97, 0.95):
+        moved = perturbed(tokens, cosine, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(moved.norm(dim=-1), torch.ones(6, 16))  # still unit tokens
+        torch.testing.assert_close((moved * tokens).sum(-1), torch.full((6, 16), cosine))  # each at that cosine
+        assert not torch.allclose(perturbed(tokens, cosine, torch.Generator().manual_seed(1)), moved)

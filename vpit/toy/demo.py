@@ -195,6 +195,8 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
     timings["backbones"] = time.perf_counter() - start
 
     runs = {stage: work / stage for stage in ("bridge", "vpit", "decoder", "decoder_predicted")}
+    for run in runs.values():  # trained on the data and backbones just rebuilt: never resume an earlier run's stages
+        shutil.rmtree(run, ignore_errors=True)
     common = {"tracking.report_to": "[]", "train.seed": seed, "data.seed": seed}
     start = step("stage 1: bridge (LLM frozen)")
     _train(
