@@ -148,19 +148,15 @@ def test_without_image_folder_image_paths_stay_inside_the_card_folder(tmp_path):
             load_record_image(sample.images[0], sample.image_root)
 
 
-def test_a_list_of_response_templates_is_drawn_per_record():
-    """The toy generation card answers half of its records with the image first (what `start_with_image` and chat's
-    /draw force), the other half with the lead-in sentence; the draw is seeded per record."""
-    card = DataCard.load("data_cards/toy_generation.yaml")
-    assert card.response_template == ["Here is an image based on your request: <image>", "<image>"]
-    answers = [
-        card.to_sample(i, {"image": "x.png", "caption": "a red circle"}).messages[1]["content"] for i in range(64)
-    ]
-    assert set(answers) == set(card.response_template)
-    assert 16 <= answers.count("<image>") <= 48
-    again = [card.to_sample(i, {"image": "x.png", "caption": "a red circle"}).messages[1]["content"] for i in range(64)]
-    assert again == answers
-    prompts = {
-        card.to_sample(i, {"image": "x.png", "caption": "a red circle"}).messages[0]["content"] for i in range(64)
-    }
-    assert "a red circle" in prompts  # the bare caption is one of the prompts
+def test_a_list_of_response_templates_is_drawn_per_record(tmp_path):
+    """A card may answer its records with several response templates (e.g. some with the image first, which an
+    answer forced to start with <image_start> then matches); the draw is seeded per record, after the prompt's."""
+    responses = ["Here is an image based on your request: <image>", "<image>"]
+    card = DataCard.load(_write_card(tmp_path, response_template=responses, templates=["{caption}", "Draw {caption}."]))
+    record = {"image": "x.png", "caption": "a red circle"}
+    answers = [card.to_sample(i, record).messages[1]["content"] for i in range(64)]
+    assert set(answers) == set(responses) and 16 <= answers.count("<image>") <= 48
+    assert [card.to_sample(i, record).messages[1]["content"] for i in range(64)] == answers
+    assert {card.to_sample(i, record).messages[0]["content"] for i in range(64)} == {"a red circle", "Draw a red circle."}
+    single = DataCard.load(_write_card(tmp_path, response_template="Done: <image>"))
+    assert single.to_sample(0, record).messages[1]["content"] == "Done: <image>"
