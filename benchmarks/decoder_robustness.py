@@ -10,7 +10,8 @@ encoder, and the decoder reconstructs the image from:
 - the tokens perturbed to cosine 0.99, 0.97 and 0.95 with their originals: each token rotated by a random direction
   orthogonal to it (the tokens are unit vectors), the angle set so that its cosine is exactly that;
 - the VPiT model's teacher-forced predictions of the same image: the visual head's output at each slot of the image
-  in "Generate an image of {caption}." -> "<image>", with the true tokens as context.
+  in "Generate an image of {caption}." -> "Here is an image based on your request: <image>" (the toy data's own
+  answer), with the true tokens as context.
 
 Each reconstruction is judged by the toy world's pixel judge (all four attributes right). A decoder trained only on
 exact tokens falls off quickly; one trained on the model's predictions too should degrade gracefully. Needs
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from vpit.data.formats import GENERATION_RESPONSE
 from vpit.inference.pipeline import VPiTPipeline
 from vpit.toy.evaluate import wilson_interval
 from vpit.toy.judge import judge
@@ -49,7 +51,10 @@ def teacher_forced(pipe: VPiTPipeline, captions: list[str], images: list[Any]) -
     """(B, K, Dv): the visual head's predictions at the image slots, the true image tokens as context."""
     processor, model = pipe.processor, pipe.model
     messages = [
-        [{"role": "user", "content": f"Generate an image of {c}."}, {"role": "assistant", "content": "<image>"}]
+        [
+            {"role": "user", "content": f"Generate an image of {c}."},
+            {"role": "assistant", "content": GENERATION_RESPONSE},
+        ]
         for c in captions
     ]
     batch = processor.apply_chat_template(messages, tokenize=True, images=images)  # labels: the answer
