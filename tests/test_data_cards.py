@@ -157,6 +157,9 @@ def test_a_list_of_response_templates_is_drawn_per_record(tmp_path):
     answers = [card.to_sample(i, record).messages[1]["content"] for i in range(64)]
     assert set(answers) == set(responses) and 16 <= answers.count("<image>") <= 48
     assert [card.to_sample(i, record).messages[1]["content"] for i in range(64)] == answers
-    assert {card.to_sample(i, record).messages[0]["content"] for i in range(64)} == {"a red circle", "Draw a red circle."}
+    assert {card.to_sample(i, record).messages[0]["content"] for i in range(64)} == {
+        "a red circle",
+        "Draw a red circle.",
+    }
     single = DataCard.load(_write_card(tmp_path, response_template="Done: <image>"))
     assert single.to_sample(0, record).messages[1]["content"] == "Done: <image>"
