@@ -75,8 +75,8 @@ def test_decoder_resume_reproduces_the_loss_curve(tiny_clip, tmp_path):
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["generated", "teacher_forced"])
-def test_decoder_trains_on_the_vpit_models_own_predictions(mode, tiny_vpit, tiny_clip, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("mode", "limit"), [("generated", None), ("teacher_forced", 4)])
+def test_decoder_trains_on_the_vpit_models_own_predictions(mode, limit, tiny_vpit, tiny_clip, tmp_path, monkeypatch):
     """decoder.predicted_tokens_from: the VPiT model's predictions for the mixture's generation records are computed
     once (one per record image, with their cosine to the encoder's tokens), and the decoder is conditioned on them
     for the asked share of those images, on the encoder's tokens otherwise."""
@@ -95,14 +95,15 @@ def test_decoder_trains_on_the_vpit_models_own_predictions(mode, tiny_vpit, tiny
         "train.checkpoint_every": 0,
         "decoder.predicted_tokens_from": str(tmp_path / "vpit"),
         "decoder.predicted_tokens_mode": mode,
+        "decoder.predicted_tokens_max_records": "null" if limit is None else limit,
     }
     run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, out, **extra))
     stats = json.loads((out / "predicted_tokens.json").read_text())
     card = DataCard.load("data_cards/toy_generation.yaml")
     records = [card.to_sample(i, r, use_sample=True) for i, r in card.records(use_sample=True)]
-    assert stats["mode"] == mode and stats["records"] == len(records) == 6
+    assert len(records) == 6 and stats["mode"] == mode and stats["records"] == (limit or 6)
     predictions = load_file(out / "predicted_tokens.safetensors")
-    assert stats["predictions"] + stats["no_image"] == 6 and len(predictions) == stats["predictions"]
+    assert stats["predictions"] + stats["no_image"] == stats["records"] and len(predictions) == stats["predictions"]
     if mode == "teacher_forced":  # one forward pass, always an image's worth of predictions
         assert stats["no_image"] == 0
     keys = {image_key(s.images[0], s.image_root)[0] for s in records}

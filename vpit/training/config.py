@@ -317,6 +317,13 @@ class DecoderSection:
         default=0.5,
         metadata=_help("share of the images with a prediction that are conditioned on it (the rest: encoder tokens)"),
     )
+    predicted_tokens_max_records: int | None = field(
+        default=None,
+        metadata=_help(
+            "predict for the first N generation records only (all are held in memory: at MetaMorph's 64 x 1152 "
+            "tokens, 295 KB each); null: every record"
+        ),
+    )
     ema_decay: float | None = field(default=0.9999, metadata=_help("EMA of UNet + projector; null: no EMA"))
     validation_images: int = field(default=4, metadata=_help("held-out images in each reconstruction grid"))
     validation_steps: int = field(default=25, metadata=_help("denoising steps of the reconstruction grid"))

@@ -176,7 +176,7 @@ def _write_predictions(recipe: DecoderRecipe, run_dir: Path) -> None:
     settings = recipe.decoder
     assert settings.predicted_tokens_from is not None
     cards = [entry.load() for entry in parse_mixture(recipe.data.mixture)]
-    samples = generation_samples(cards, recipe.data.use_sample)
+    samples = generation_samples(cards, recipe.data.use_sample)[: settings.predicted_tokens_max_records]
     if not samples:
         raise ValueError("decoder.predicted_tokens_from is set but the mixture has no generation records")
     predictions, stats = predict_generation_tokens(
