@@ -26,16 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPVisionModel, LlamaForCausalLM
 
 import vpit
 from vpit.data.features import cache_card_features, encoder_fingerprint
-from vpit.toy.tiny import train_bpe_tokenizer
 from vpit.training.components import build_batches
 from vpit.training.config import DataSection
 
 from .common import describe_machine, median_ratio, timed_runs, write_json
-from .training_step import K, clip_config, llama_config
+from .training_step import K, build_vpit_and_processor
 
 BATCH = 4
 
@@ -58,19 +56,8 @@ def write_card(folder: Path, images: int) -> Path:
 
 
 def build(folder: Path) -> tuple[vpit.VPiTForCausalLM, vpit.VPiTProcessor]:
-    torch.manual_seed(0)
-    CLIPVisionModel(clip_config()).save_pretrained(folder / "clip")
-    config = llama_config()
-    config._attn_implementation = "sdpa"
-    model, processor = vpit.assemble(
-        LlamaForCausalLM(config),
-        str(folder / "clip"),
-        vision_backend="hf",
-        feature_layer=-2,
-        tokenizer=train_bpe_tokenizer(),
-        num_visual_tokens=K,
-        bridge="mlp2x_gelu",
-    )
+    """benchmarks.training_step's VPiT, saved as a folder (what `vpit data cache-features` reads)."""
+    model, processor = build_vpit_and_processor(folder)
     model.save_pretrained(folder / "vpit")
     processor.save_pretrained(folder / "vpit")
     return model, processor

@@ -92,12 +92,17 @@ def clip_config() -> CLIPVisionConfig:
 
 def build_vpit(folder: Path) -> vpit.VPiTForCausalLM:
     """VPiT from a Llama object and a CLIP vision tower saved as a transformers folder (the `hf` backend)."""
+    return build_vpit_and_processor(folder)[0]
+
+
+def build_vpit_and_processor(folder: Path) -> tuple[vpit.VPiTForCausalLM, vpit.VPiTProcessor]:
+    """`build_vpit`, with its processor."""
     torch.manual_seed(0)
     CLIPVisionModel(clip_config()).save_pretrained(folder / "clip")
     config = llama_config()
     config._attn_implementation = "sdpa"
     llm = LlamaForCausalLM(config)
-    model, _ = vpit.assemble(
+    return vpit.assemble(
         llm,
         str(folder / "clip"),
         vision_backend="hf",
@@ -106,7 +111,6 @@ def build_vpit(folder: Path) -> vpit.VPiTForCausalLM:
         num_visual_tokens=K,
         bridge="mlp2x_gelu",
     )
-    return model
 
 
 def build_llava(image_token_id: int) -> LlavaForConditionalGeneration:

@@ -1,6 +1,7 @@
 """The encoder-token cache (`vpit data cache-features`): written once, resumable, keyed by image, checked against the
 model's encoder, read by training instead of the pixels with the same loss and gradients."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -129,6 +130,10 @@ def test_training_reads_the_cache_with_the_same_loss_and_gradients(cards, saved_
     }
     caches = open_feature_caches([DataCard.load(cards / "toy_generation.yaml")], fingerprint, use_sample=True)
     assert caches[0] is not None and len(caches[0]) == 6
+    # data.use_features: false reads the pixels although the cache is there.
+    off = dataclasses.replace(data, use_features=False)
+    unused = iter(build_batches(off, processor, 0, 1, cards / "off", encoder_fingerprint=fingerprint))
+    assert not any("visual_tokens" in next(unused) for _ in range(4))
     import vpit.data.encode as encode
 
     loaded = []

@@ -145,3 +145,32 @@ def test_fused_cross_entropy_path_gives_the_same_loss_and_gradients(tiny_vpit, m
     torch.testing.assert_close(fused.loss, chunked.loss, rtol=1e-6, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_recipe_key_reaches_the_model(tiny_llama, tiny_clip, tmp_path):
+    """train.fused_cross_entropy is the model's `fused_cross_entropy`: true on a machine without CUDA fails the first
+    training forward, naming what is missing; unset (auto) trains with the chunked CE."""
+    import pytest
+    from conftest import GENERATION, encode_conversations
+
+    from vpit.training.components import build_model
+    from vpit.training.config import recipe_from_dict
+
+    def built(value):
+        recipe = recipe_from_dict(
+            {
+                "stage": "vpit",
+                "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
+                "data": {"mixture": [{"card": "data_cards/toy_generation.yaml"}]},
+                "train": {"output_dir": str(tmp_path), "fused_cross_entropy": value},
+            }
+        )
+        return build_model(recipe)
+
+    model, processor = built(True)
+    assert model.fused_cross_entropy is True
+    batch = encode_conversations(processor, [GENERATION], [[None]])
+    with pytest.raises(RuntimeError, match="needs a CUDA device, liger-kernel installed"):
+        model(**batch, return_logits=False)
+    model, _ = built(None)
+    assert model.fused_cross_entropy is None and model(**batch, return_logits=False).loss.isfinite()

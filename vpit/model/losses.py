@@ -6,6 +6,7 @@ that still carries a graph through the module that produced the inputs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -75,7 +76,12 @@ def _shifted_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> to
 
 def fused_cross_entropy_available(device: torch.device) -> bool:
     """Whether Liger's fused linear cross-entropy can run here: a CUDA device and `liger-kernel` installed."""
-    return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    return device.type == "cuda" and _liger_installed()
+
+
+@functools.cache
+def _liger_installed() -> bool:  # asked at every training forward on CUDA: look the package up once
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def fused_text_loss(
