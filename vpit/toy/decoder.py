@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from ..decoder.projector import VPiTDecoderProjector
 
@@ -103,16 +103,22 @@ def toy_unet_config(
 
 
 def toy_scheduler_config() -> dict[str, Any]:
-    """DDIM with Stable Diffusion's training schedule (1000 steps, scaled-linear betas), ε-prediction."""
+    """Stable Diffusion's training schedule (1000 steps, scaled-linear betas), ε-prediction, sampled by DPM-Solver++
+    (2nd order) on 'trailing' timesteps, whose first step is the last training timestep (pure noise).
+
+    Measured on the toy decoder (benchmarks/RESULTS.md, "The pictures"): DPM-Solver++ in 15 steps decodes as well
+    as DDIM in 25 (generation 82.0% against 81.3-82.7%, reconstruction 90.0% against 90.0-90.6%, n = 150 / 180),
+    in 60% of the UNet calls; 10 steps cost 3 points of reconstruction.
+    """
     return {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
         "prediction_type": "epsilon",
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "timestep_spacing": "trailing",
     }
 
 
@@ -173,7 +179,7 @@ def toy_decoder_components(
             module.eval()  # as `from_pretrained` returns models; training code switches the trainable ones to train()
     if vae is not None:
         vae.requires_grad_(False)  # the VAE is frozen in every decoder recipe
-    return {"unet": unet, "scheduler": DDIMScheduler(**toy_scheduler_config()), "projector": projector, "vae": vae}
+    return {"unet": unet, "scheduler": DPMSolverMultistepScheduler(**toy_scheduler_config()), "projector": projector, "vae": vae}
 
 
 def save_tiny_stable_diffusion(folder: str | Path, seed: int = 0) -> Path:

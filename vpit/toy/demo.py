@@ -63,7 +63,7 @@ class DemoPlan:
             decoder_predicted={},
             eval={
                 "questions_per_type": 40,
-                "num_inference_steps": 25,
+                "num_inference_steps": 15,
                 "generation_repeats": 2,  # 300 in-distribution prompts
                 "held_out_repeats": 3,  # 90 held-out prompts
                 "reconstruction_repeats": 2,

@@ -85,7 +85,7 @@ class EvalSettings:
     held_out_repeats: int | None = None  # each held-out composition this many times; None: generation_repeats
     reconstruction_repeats: int = 1
     batch_size: int = 32
-    num_inference_steps: int = 25
+    num_inference_steps: int = 15
     guidance_scale: float = 3.0
     seed: int = 1234
     grid_examples: int = 12
