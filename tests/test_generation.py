@@ -459,3 +459,21 @@ def test_model_generate_method_delegates(tiny_vpit):
     direct = vpit.generate(model, prompt, max_new_tokens=8)
     assert torch.equal(out.sequences, direct.sequences)
     assert len(out.images[0]) == 1 and out.images[0][0].shape == (4, 48)
+
+
+def test_regression_heads_generate_the_values_they_learnt(tiny_vpit):
+    """With an l2 visual loss the head regresses the tokens' values: generation returns them unnormalised, and
+    each is the head's output one position before its slot, as with the cosine."""
+    model, processor = tiny_vpit
+    model.eval()
+    batch = prompts(processor, ["Draw."], open_image=[True])
+    cosine = generate(model, **batch, max_new_tokens=K, max_images_per_row=1).images[0][0]
+    assert torch.allclose(cosine.norm(dim=-1), torch.ones(K), atol=1e-5)
+    model.config.visual_loss = "l2"
+    out = generate(model, **batch, max_new_tokens=K, max_images_per_row=1)
+    raw = out.images[0][0]
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(K), atol=1e-2)
+    assert torch.allclose(torch.nn.functional.normalize(raw[0], dim=-1), cosine[0], atol=1e-5)  # same first head call
+    assert_same_images(
+        out.images[0], generate_no_cache(model, **batch, max_new_tokens=K, max_images_per_row=1).images[0]
+    )

@@ -1,9 +1,10 @@
 """The loss functions on hand-made numbers."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from vpit.model.losses import cosine_loss, text_loss
+from vpit.model.losses import VISUAL_LOSSES, cosine_loss, text_loss, visual_loss, z_loss
 
 
 def test_cosine_loss_identical_orthogonal_opposite():
@@ -174,3 +175,86 @@ def test_the_recipe_key_reaches_the_model(tiny_llama, tiny_clip, tmp_path):
         model(**batch, return_logits=False)
     model, _ = built(None)
     assert model.fused_cross_entropy is None and model(**batch, return_logits=False).loss.isfinite()
+
+
+def test_loss_recipe_keys_reach_the_model(tiny_llama, tiny_clip, tmp_path):
+    """model.visual_loss / text_loss_weight go into the assembled model's config, train.z_loss onto the model."""
+    from conftest import GENERATION, encode_conversations
+
+    from vpit.training.components import build_model
+    from vpit.training.config import recipe_from_dict
+
+    model_keys = {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4}
+    recipe = recipe_from_dict(
+        {
+            "stage": "vpit",
+            "model": {**model_keys, "visual_loss": "smooth_l1", "visual_loss_beta": 0.1, "text_loss_weight": 0.5},
+            "data": {"mixture": [{"card": "data_cards/toy_generation.yaml"}]},
+            "train": {"output_dir": str(tmp_path), "z_loss": 1e-3},
+        }
+    )
+    model, processor = build_model(recipe)
+    assert (model.config.visual_loss, model.config.visual_loss_beta, model.config.text_loss_weight) == (
+        "smooth_l1",
+        0.1,
+        0.5,
+    )
+    assert model.z_loss_weight == 1e-3
+    out = model(**encode_conversations(processor, [GENERATION], [[None]]), return_logits=False)
+    assert torch.allclose(out.loss, 0.5 * out.text_loss + out.visual_loss + 1e-3 * out.z_loss)
+    with pytest.raises(ValueError, match="visual_loss must be one of"):  # checked where the config is built
+        build_model(recipe_from_dict({**recipe.to_dict(), "model": {**model_keys, "visual_loss": "huber"}}))
+    with pytest.raises(ValueError, match=r"train\.z_loss is a weight >= 0"):
+        recipe_from_dict({**recipe.to_dict(), "train": {"output_dir": str(tmp_path), "z_loss": -1.0}})
+
+
+def test_visual_loss_kinds_on_hand_made_numbers():
+    pred = torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+    target = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    # cosine: 1 - 0 and 1 - 1, mean 0.5; l2: squared distances 2 and 0.25, mean 1.125.
+    assert visual_loss(pred, target, "cosine").item() == 0.5
+    assert visual_loss(pred, target, "l2").item() == 1.125
+    # smooth_l1 (beta 0.5): per feature 0.5 * d^2 / beta below beta, d - beta / 2 above; errors 1, 1 | 0, 0.5.
+    expected = ((1 - 0.25) + (1 - 0.25) + 0.0 + (0.5 - 0.25)) / 2
+    assert abs(visual_loss(pred, target, "smooth_l1", beta=0.5).item() - expected) < 1e-6
+    # A global count divides the sum instead of the rows here.
+    assert visual_loss(pred, target, "l2", num_items_in_batch=4).item() == 2.25 / 4
+    # l2 and smooth_l1 see the norm, cosine does not.
+    assert visual_loss(2 * target, target, "cosine").item() == 0.0
+    assert visual_loss(2 * target, target, "l2").item() == 1.0
+    with pytest.raises(ValueError, match="visual loss must be one of"):
+        visual_loss(pred, target, "l1")
+
+
+def test_visual_loss_on_nothing_is_exact_zero_for_every_kind():
+    for kind in VISUAL_LOSSES:
+        pred = torch.zeros(0, 8, requires_grad=True)
+        loss = visual_loss(pred, torch.zeros(0, 8), kind)
+        assert loss.item() == 0.0
+        loss.backward()
+
+
+def test_z_loss_is_the_squared_log_partition_at_labelled_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, 3, 4, -100, 7], [-100, -100, -100, 1, 2]])
+    predicting = labels[:, 1:] != -100  # positions 0..3 whose next token is labelled
+    expected = torch.logsumexp(logits[:, :-1][predicting], dim=-1).square().mean()
+    assert torch.allclose(z_loss(logits, labels), expected)
+    assert torch.allclose(z_loss(logits, labels, num_items_in_batch=10), expected * 5 / 10)
+    # Shifting every logit by c moves log Z by c: the loss sees the normaliser that CE ignores.
+    assert torch.allclose(text_loss(logits + 3.0, labels), text_loss(logits, labels), atol=1e-5)
+    assert z_loss(logits + 3.0, labels) > z_loss(logits, labels) + 5
+
+
+def test_z_loss_chunks_like_the_cross_entropy(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[0, :3] = -100
+    whole = z_loss(logits, labels)
+    (grad_whole,) = torch.autograd.grad(whole, logits)
+    monkeypatch.setattr("vpit.model.losses.CE_CHUNK_ELEMENTS", 13 * 2)  # two rows per chunk
+    chunked = z_loss(logits, labels)
+    (grad_chunked,) = torch.autograd.grad(chunked, logits)
+    assert torch.allclose(whole, chunked) and torch.allclose(grad_whole, grad_chunked, atol=1e-6)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import GENERATION, TEXT_ONLY, UNDERSTANDING, encode_conversations
 
 import vpit
+from vpit.model.losses import visual_loss, z_loss
 
 
 def test_new_token_rows_start_at_the_mean(tiny_vpit, tiny_llama):
@@ -214,3 +215,48 @@ def test_bridge_and_head_start_from_initializer_range(tiny_llama, tiny_clip, std
     for layer in linears:
         assert abs(layer.weight.std().item() - std) < 0.15 * std  # N(0, std), thousands of entries
         assert not layer.bias.any()
+
+
+@pytest.mark.parametrize("kind", ["l2", "smooth_l1"])
+def test_regression_visual_losses(tiny_vpit, kind, tmp_path):
+    """l2 / smooth_l1: the loss is that regression on the head's raw outputs (not normalised), the gradient differs
+    from the cosine's, and the setting survives save / load."""
+    model, processor = tiny_vpit
+    batch = encode_conversations(processor, [GENERATION], [[None]])
+    cosine = model(**batch)
+    model.config.visual_loss = kind
+    out = model(**batch)
+    assert not torch.allclose(out.visual_predictions.norm(dim=-1), torch.ones(4), atol=1e-2)
+    expected = visual_loss(out.visual_predictions, out.visual_targets, kind, beta=model.config.visual_loss_beta)
+    assert torch.allclose(out.visual_loss, expected) and not torch.allclose(out.visual_loss, cosine.visual_loss)
+    assert torch.allclose(out.loss, out.text_loss + out.visual_loss)
+    head = model.visual_head[-1].weight
+    (grad,) = torch.autograd.grad(out.loss, head)
+    model.config.visual_loss = "cosine"
+    (cosine_grad,) = torch.autograd.grad(model(**batch).loss, head)
+    assert not torch.allclose(grad, cosine_grad)
+    model.config.visual_loss = kind
+    model.save_pretrained(tmp_path)
+    loaded = vpit.VPiTForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.visual_loss == kind
+    assert torch.allclose(loaded(**batch).visual_loss, out.visual_loss, atol=1e-6)
+
+
+def test_per_modality_weights_and_z_loss(tiny_vpit):
+    model, processor = tiny_vpit
+    batch = encode_conversations(processor, [UNDERSTANDING, GENERATION], [[None], [None]])
+    plain = model(**batch)
+    assert plain.z_loss is None  # off by default
+    model.config.text_loss_weight, model.config.visual_loss_weight = 0.5, 2.0
+    weighted = model(**batch)
+    assert torch.allclose(weighted.loss, 0.5 * plain.text_loss + 2.0 * plain.visual_loss)
+    model.z_loss_weight = 1e-2
+    for return_logits in (True, False):  # all positions, or the labelled ones only (the training loop's)
+        out = model(**batch, return_logits=return_logits)
+        logits = model(**batch).logits
+        expected = z_loss(logits, batch["labels"])
+        assert torch.allclose(out.z_loss, expected, atol=1e-6) and out.z_loss > 0
+        assert torch.allclose(out.loss, weighted.loss + 1e-2 * expected, atol=1e-6)
+    model.fused_cross_entropy = True
+    with pytest.raises(RuntimeError, match="never materialises the logits, which the z-loss reads"):
+        model(**batch, return_logits=False)

@@ -168,3 +168,37 @@ def test_model_initializer_range_sets_the_new_bridge_and_head(std, tiny_llama, t
         build_model(
             recipe_from_dict({**recipe.to_dict(), "model": {"pretrained": str(folder), "initializer_range": 0.5}})
         )
+
+
+def test_a_recipe_states_only_what_it_changes_over_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "stage: vpit\nmodel: {llm: x, bridge: linear}\ndata: {mixture: [{card: a.yaml}, {card: b.yaml}]}\n"
+        "train: {max_steps: 7, output_dir: out/base}\n"
+    )
+    (tmp_path / "variant").mkdir()
+    (tmp_path / "variant" / "v.yaml").write_text(
+        "base: ../base.yaml\nmodel: {visual_loss: l2}\ndata: {mixture: [{card: c.yaml}]}\ntrain: {output_dir: out/v}\n"
+    )
+    recipe = load_recipe(tmp_path / "variant" / "v.yaml", ["train.max_steps=9"])
+    assert (recipe.model.llm, recipe.model.bridge, recipe.model.visual_loss) == ("x", "linear", "l2")  # merged
+    assert [m["card"] for m in recipe.data.mixture] == ["c.yaml"]  # a list replaces
+    assert (recipe.train.output_dir, recipe.train.max_steps) == ("out/v", 9)
+    (tmp_path / "base.yaml").write_text("base: variant/v.yaml\nstage: vpit\n")
+    with pytest.raises(ValueError, match="recipe bases form a cycle"):
+        load_recipe(tmp_path / "variant" / "v.yaml")
+    (tmp_path / "w.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ValueError, match=r"base recipe .*missing\.yaml does not exist"):
+        load_recipe(tmp_path / "w.yaml")
+
+
+def test_toy_loss_variants_differ_from_the_toy_recipe_only_where_they_say():
+    base = load_recipe(ROOT / "recipes" / "toy" / "vpit.yaml").to_dict()
+    for name, model_keys, train_keys in [
+        ("vpit_l2", {"visual_loss": "l2"}, {}),
+        ("vpit_smooth_l1", {"visual_loss": "smooth_l1", "visual_loss_beta": 0.05}, {}),
+        ("vpit_z_loss", {"text_loss_weight": 1.0, "visual_loss_weight": 1.0}, {"z_loss": 1e-4}),
+    ]:
+        variant = load_recipe(ROOT / "recipes" / "toy" / f"{name}.yaml").to_dict()
+        expected = {**base, "model": {**base["model"], **model_keys}}
+        expected["train"] = {**base["train"], **train_keys, "output_dir": f"outputs/toy/{name}"}
+        assert variant == expected, name

@@ -96,6 +96,11 @@ def test_k_and_the_image_tokens_have_one_home_the_model_config(tmp_path):
         build_model(recipe(bridge="linear"))
     built, _ = build_model(recipe(num_visual_tokens=4, visual_loss_weight=0.5))  # agreeing keys are fine
     assert built.config.visual_loss_weight == 0.5  # a loss weight is the stage's to set
+    assert built.config.visual_loss == "cosine"  # saved before the key existed: MetaMorph's loss
+    built, _ = build_model(recipe(visual_loss="l2", text_loss_weight=0.5))  # so is the loss itself
+    assert (built.config.visual_loss, built.config.text_loss_weight) == ("l2", 0.5)
+    with pytest.raises(ValueError, match="visual_loss must be one of"):
+        build_model(recipe(visual_loss="huber"))
 
     decoder = DiffusionPipeline.from_pretrained(V0 / "decoder")
     decoder.vision_encoder.encoder.num_visual_tokens = 9

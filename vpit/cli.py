@@ -343,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="other ways of asking for an image to judge, each on every composition once (none: plain prompts only)",
     )
     eval_toy.add_argument("--batch-size", type=int, default=32)
-    eval_toy.add_argument("--steps", type=int, default=15, help="decoder denoising steps with the decoder folder's scheduler (15 suits the toy decoder's DPM-Solver++; DDIM wants 25 or more)")
+    eval_toy.add_argument(
+        "--steps",
+        type=int,
+        default=15,
+        help="decoder denoising steps with the decoder folder's scheduler (15 suits the toy decoder's DPM-Solver++; DDIM wants 25 or more)",
+    )
     eval_toy.add_argument("--guidance-scale", type=float, default=3.0)
     eval_toy.add_argument("--seed", type=int, default=1234)
     eval_toy.set_defaults(func=_eval_toy)

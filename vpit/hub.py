@@ -41,7 +41,7 @@ pixels.
 | visual tokens per image (K) | {num_visual_tokens} ({pooling} pooling, L2-normalised: {normalize}) |
 | bridge | {bridge} |
 | visual head | {visual_head} |
-| visual loss weight (λ) | {visual_loss_weight} |
+| visual loss | {visual_loss}, weight λ_v {visual_loss_weight} (text CE: λ_t {text_loss_weight}) |
 {extra_rows}
 ## Usage
 
@@ -188,7 +188,9 @@ def build_model_card(
         normalize=config.get("normalize_visual_tokens"),
         bridge=config.get("bridge"),
         visual_head=config.get("visual_head"),
+        visual_loss=config.get("visual_loss", "cosine"),
         visual_loss_weight=config.get("visual_loss_weight"),
+        text_loss_weight=config.get("text_loss_weight", 1.0),
         extra_rows=extra_rows,
         repo_id=repo_id,
         training=training,

@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .adapters import check_bridge, check_visual_head
+from .losses import VISUAL_LOSSES
 
 VISION_BACKENDS = ("open_clip", "hf")
 POOLING_MODES = ("bilinear", "avg")
@@ -128,8 +129,23 @@ class VPiTConfig(PreTrainedConfig):
         default="mlp",
         metadata={"help": "LLM -> visual token head: 'linear' (H->Dv) or 'mlp' (Linear(H,H)-GELU-Linear(H,Dv))."},
     )
+    visual_loss: str = field(
+        default="cosine",
+        metadata={
+            "help": "The visual head's regression loss: 'cosine' (MetaMorph; predictions L2-normalised when the "
+            "targets are), 'l2' (Emu / Emu2) or 'smooth_l1' (threshold visual_loss_beta); the last two regress the "
+            "targets' values, so predictions are not normalised."
+        },
+    )
+    visual_loss_beta: float = field(
+        default=0.05, metadata={"help": "smooth_l1's threshold per feature (unit-norm tokens: ~1/sqrt(Dv) each)."}
+    )
     visual_loss_weight: float = field(
-        default=1.0, metadata={"help": "lambda in loss = text CE + lambda * mean(1 - cos) over response visual slots."}
+        default=1.0,
+        metadata={"help": "lambda_v in loss = lambda_t * text CE + lambda_v * visual loss over response visual slots."},
+    )
+    text_loss_weight: float = field(
+        default=1.0, metadata={"help": "lambda_t, the text CE's weight (per-modality weights, as LWM uses)."}
     )
     image_start_token: str = field(default="<image_start>", metadata={"help": "Token opening an image span."})
     image_end_token: str = field(default="<image_end>", metadata={"help": "Token closing an image span."})
@@ -170,8 +186,13 @@ class VPiTConfig(PreTrainedConfig):
         _one_of("pooling", self.pooling, POOLING_MODES)
         check_bridge(self.bridge)
         check_visual_head(self.visual_head)
-        if not (self.visual_loss_weight >= 0 and math.isfinite(self.visual_loss_weight)):
-            raise ValueError(f"visual_loss_weight must be a finite number >= 0, got {self.visual_loss_weight}")
+        _one_of("visual_loss", self.visual_loss, VISUAL_LOSSES)
+        for name in ("visual_loss_weight", "text_loss_weight"):
+            weight = getattr(self, name)
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {weight}")
+        if not (self.visual_loss_beta > 0 and math.isfinite(self.visual_loss_beta)):
+            raise ValueError(f"visual_loss_beta must be a finite number > 0, got {self.visual_loss_beta}")
         tokens = [self.image_start_token, self.image_end_token, self.image_token]
         if any(not t or t.strip() != t for t in tokens) or len(set(tokens)) != 3:
             raise ValueError(

@@ -1,6 +1,7 @@
-"""VPiT losses: next-token cross-entropy on response text, cosine distance on response visual slots.
+"""VPiT losses: next-token cross-entropy on response text, a regression loss on response visual slots (cosine
+distance by default, as MetaMorph; squared L2 as Emu / Emu2; smooth L1), and Chameleon's z-loss on the text logits.
 
-Both return a sum over valid items divided by their count, so an empty selection gives an exact 0 (never NaN)
+Each returns a sum over valid items divided by their count, so an empty selection gives an exact 0 (never NaN)
 that still carries a graph through the module that produced the inputs.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +22,54 @@ IGNORE_INDEX = -100
 CE_CHUNK_ELEMENTS = 1 << 24
 
 
+VISUAL_LOSSES = ("cosine", "l2", "smooth_l1")
+
+
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """sum of CE over rows: logits (N, V) in any dtype, targets (N,) with -100 ignored, computed in fp32.
+def _z_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    log_partition = torch.logsumexp(logits.float(), dim=-1)  # (N,)
+    return log_partition.square()[targets != IGNORE_INDEX].sum()
 
-    The fp32 upcast is done a chunk of rows at a time and recomputed in backward (activation checkpointing), so no
-    full fp32 copy of the (N, V) logits ever exists: 8 GB saved at N = 16k, V = 128k.
-    """
+
+def _chunked_sum(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """fn(logits, targets) summed over chunks of rows, each recomputed in backward (activation checkpointing), so
+    no full fp32 copy of the (N, V) logits ever exists: 8 GB saved at N = 16k, V = 128k."""
     rows = max(1, CE_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
     if logits.shape[0] <= rows:
-        return _ce_sum(logits, targets)
+        return fn(logits, targets)
     total = logits.new_zeros((), dtype=torch.float32)
     for x, y in zip(logits.split(rows), targets.split(rows), strict=True):
         grad = torch.is_grad_enabled()  # recomputed in backward: one chunk's fp32 copy is alive at a time
-        total = total + (checkpoint(_ce_sum, x, y, use_reentrant=False) if grad else _ce_sum(x, y))
+        total = total + (checkpoint(fn, x, y, use_reentrant=False) if grad else fn(x, y))
     return total
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum of CE over rows: logits (N, V) in any dtype, targets (N,) with -100 ignored, computed in fp32 a chunk of
+    rows at a time (`_chunked_sum`)."""
+    return _chunked_sum(_ce_sum, logits, targets)
+
+
+def z_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Chameleon's z-loss (from PaLM): the squared log-partition log(sum(exp(logits)))^2 at the positions that
+    predict a label, summed over them and divided as `text_loss` divides. It keeps the logits' normaliser near 1
+    (log Z near 0), against the logit drift that destabilised Chameleon's mixed-modal training; the usual weight is
+    1e-4 to 1e-5 (`train.z_loss`). Arguments as `text_loss`."""
+    targets = _shifted_targets(labels, positions).to(logits.device)
+    total = _chunked_sum(_z_sum, logits.flatten(0, 1), targets)
+    return _divide(total, (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch)
 
 
 def _divide(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
@@ -122,6 +154,35 @@ def cosine_loss(
     return _divide(total, cos.shape[0] if num_items_in_batch is None else num_items_in_batch)
 
 
+def visual_loss(
+    predictions: torch.Tensor,
+    targets: torch.Tensor,
+    kind: str = "cosine",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    beta: float = 0.05,
+) -> torch.Tensor:
+    """The regression loss of the visual head, summed per token over its Dv features, then over the M tokens and
+    divided by their count (or `num_items_in_batch`); predictions and targets are (M, Dv), M = 0 gives 0.
+
+    kind:
+        cosine     1 - cos(pred, target) (MetaMorph); the prediction's norm is free.
+        l2         ||pred - target||^2 (Emu, Emu2: MSE on the encoder's features, here summed rather than averaged
+                   over Dv, so that on unit-norm tokens it is on the cosine loss's scale: 2 - 2 cos + (|p| - 1)^2).
+        smooth_l1  Huber with threshold `beta` on each feature, summed: quadratic for small errors, linear for large
+                   ones, so a few far-off tokens weigh less than under l2. Unit-norm tokens have features of about
+                   1 / sqrt(Dv) (0.03 for SigLIP's 1152, 0.125 at the toy world's 64), hence beta 0.05.
+    """
+    if kind == "cosine":
+        return cosine_loss(predictions, targets, num_items_in_batch)
+    if kind == "l2":
+        per_token = (predictions.float() - targets.float()).square().sum(dim=-1)  # (M,)
+    elif kind == "smooth_l1":
+        per_token = F.smooth_l1_loss(predictions.float(), targets.float(), reduction="none", beta=beta).sum(dim=-1)
+    else:
+        raise ValueError(f"visual loss must be one of {list(VISUAL_LOSSES)}, got {kind!r}")
+    return _divide(per_token.sum(), per_token.shape[0] if num_items_in_batch is None else num_items_in_batch)
+
+
 def count_loss_items(labels: torch.Tensor, visual_target_mask: torch.Tensor) -> torch.Tensor:
     """(2,) long: the labelled tokens the text loss averages over (labels shifted by one, as `text_loss` reads
     them) and the visual targets the cosine loss averages over (slots after position 0, as the model predicts
@@ -133,6 +194,7 @@ def count_loss_items(labels: torch.Tensor, visual_target_mask: torch.Tensor) -> 
 
 __all__ = [
     "IGNORE_INDEX",
+    "VISUAL_LOSSES",
     "cosine_loss",
     "count_loss_items",
     "cross_entropy_sum",
@@ -140,4 +202,6 @@ __all__ = [
     "fused_text_loss",
     "labelled_positions",
     "text_loss",
+    "visual_loss",
+    "z_loss",
 ]

@@ -29,11 +29,12 @@ from .adapters import build_bridge, build_visual_head
 from .configuration_vpit import VPiTConfig
 from .losses import (
     IGNORE_INDEX,
-    cosine_loss,
     fused_cross_entropy_available,
     fused_text_loss,
     labelled_positions,
     text_loss,
+    visual_loss,
+    z_loss,
 )
 from .processing_vpit import token_id
 from .vision import VisionEncoder
@@ -47,9 +48,13 @@ class VPiTCausalLMOutput(ModelOutput):
     """Output of `VPiTForCausalLM.forward`; every loss term is returned separately.
 
     Args:
-        loss: text_loss + visual_loss_weight * visual_loss, when labels are given.
+        loss: text_loss_weight * text_loss + visual_loss_weight * visual_loss (+ z_loss_weight * z_loss), when
+            labels are given.
         text_loss: next-token CE over labelled tokens (response text and image boundary tokens).
-        visual_loss: mean(1 - cos) over response visual slots; exactly 0 when the batch has none.
+        visual_loss: the `config.visual_loss` (mean 1 - cos by default) over response visual slots; exactly 0 when
+            the batch has none.
+        z_loss: the squared log-partition of the text logits (`vpit.model.losses.z_loss`), when the model's
+            `z_loss_weight` is above 0.
         logits: (B, T, V); None when the forward was asked for the loss only (`return_logits=False`).
         visual_predictions: (M, Dv) head outputs (normalised if configured) for the M response slots.
         visual_targets: (M, Dv) the encoder tokens they were trained towards.
@@ -59,6 +64,7 @@ class VPiTCausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     text_loss: torch.Tensor | None = None
     visual_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     visual_predictions: torch.Tensor | None = None
     visual_targets: torch.Tensor | None = None
@@ -181,6 +187,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         # Liger's fused linear cross-entropy for the training loss: None = when it can run (`uses_fused_cross_entropy`),
         # False = never, True = required. A run setting, not architecture: not in the config.
         self.fused_cross_entropy: bool | None = None
+        # Chameleon's z-loss weight (`train.z_loss`), 0: off. Also a run setting.
+        self.z_loss_weight: float = 0.0
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> VPiTForCausalLM:
@@ -362,9 +370,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         return response_slot_mask(input_ids, labels, start_id, slot_id)
 
     def predict_visual(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(.., H) -> (.., Dv): the visual head, normalised when the targets are."""
+        """(.., H) -> (.., Dv): the visual head; normalised when the targets are and the loss is the cosine."""
         pred = self.visual_head(hidden_states)
-        return F.normalize(pred, dim=-1) if self.config.normalize_visual_tokens else pred
+        # A cosine loss leaves the norm free, so it is fixed; a regression loss (l2, smooth_l1) learns the values.
+        normalise = self.config.normalize_visual_tokens and self.config.visual_loss == "cosine"
+        return F.normalize(pred, dim=-1) if normalise else pred
 
     # ----------------------------------------------------------------------------------------- forward
 
@@ -418,7 +428,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             # ids restarting per sample) only when there is none: a default cache would let samples attend across.
             use_cache = False
         positions = labelled_positions(labels) if labels is not None and not return_logits else None  # (P,)
-        fused = positions is not None and self.uses_fused_cross_entropy(inputs_embeds.device)
+        z_weight = float(self.z_loss_weight) if labels is not None else 0.0
+        fused = positions is not None and self.uses_fused_cross_entropy(inputs_embeds.device, needs_logits=z_weight > 0)
         if fused and positions is not None:
             kwargs["logits_to_keep"] = positions[:0]  # no logits at all: the fused loss applies the LM head itself
         elif positions is not None and self.keeps_some_logits():
@@ -436,7 +447,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         if positions is not None and not fused and "logits_to_keep" not in kwargs:
             logits = logits[:, positions]
 
-        loss = t_loss = v_loss = predictions = targets = None
+        loss = t_loss = v_loss = z_term = predictions = targets = None
         if labels is not None:
             if input_ids is None:
                 raise ValueError("computing the VPiT loss needs input_ids to locate image slots")
@@ -461,13 +472,20 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 targets = predictions.new_zeros(0, predictions.shape[-1])
             else:
                 targets = z.reshape(-1, z.shape[-1])[visual_target_mask[slot_mask]].detach()  # (M, Dv)
-            v_loss = cosine_loss(predictions, targets, num_visual_items_in_batch)
-            loss = t_loss + self.config.visual_loss_weight * v_loss
+            config = self.config
+            v_loss = visual_loss(
+                predictions, targets, config.visual_loss, num_visual_items_in_batch, beta=config.visual_loss_beta
+            )
+            loss = config.text_loss_weight * t_loss + config.visual_loss_weight * v_loss
+            if z_weight > 0:
+                z_term = z_loss(logits, labels, num_items_in_batch, positions)
+                loss = loss + z_weight * z_term
 
         return VPiTCausalLMOutput(
             loss=loss,
             text_loss=t_loss,
             visual_loss=v_loss,
+            z_loss=z_term,
             logits=logits if positions is None else None,
             visual_predictions=predictions,
             visual_targets=targets,
@@ -476,12 +494,20 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             attentions=getattr(outputs, "attentions", None),
         )
 
-    def uses_fused_cross_entropy(self, device: torch.device) -> bool:
+    def uses_fused_cross_entropy(self, device: torch.device, needs_logits: bool = False) -> bool:
         """Whether the training loss goes through Liger's fused linear cross-entropy (`fused_text_loss`): asked for
         (`fused_cross_entropy` True, or None and it can run) on a CUDA device with liger-kernel installed, an LM
         head that is a plain Linear (no logit soft-capping or scaling after it) and weights that are not sharded
-        (the kernel reads the head's weight directly; under ZeRO-3 / FSDP2 the chunked CE runs instead)."""
+        (the kernel reads the head's weight directly; under ZeRO-3 / FSDP2 the chunked CE runs instead), and no
+        other loss term reading the logits (`needs_logits`: the z-loss)."""
         if self.fused_cross_entropy is False:
+            return False
+        if needs_logits:
+            if self.fused_cross_entropy:
+                raise RuntimeError(
+                    "fused_cross_entropy never materialises the logits, which the z-loss reads: set "
+                    "train.fused_cross_entropy to null or false, or train.z_loss to 0"
+                )
             return False
         text = self.config.get_text_config()
         plain = getattr(text, "final_logit_softcapping", None) is None and getattr(text, "logit_scale", None) is None

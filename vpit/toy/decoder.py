@@ -179,7 +179,12 @@ def toy_decoder_components(
             module.eval()  # as `from_pretrained` returns models; training code switches the trainable ones to train()
     if vae is not None:
         vae.requires_grad_(False)  # the VAE is frozen in every decoder recipe
-    return {"unet": unet, "scheduler": DPMSolverMultistepScheduler(**toy_scheduler_config()), "projector": projector, "vae": vae}
+    return {
+        "unet": unet,
+        "scheduler": DPMSolverMultistepScheduler(**toy_scheduler_config()),
+        "projector": projector,
+        "vae": vae,
+    }
 
 
 def save_tiny_stable_diffusion(folder: str | Path, seed: int = 0) -> Path:

@@ -88,6 +88,9 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
+LOSS_SETTINGS = ("visual_loss", "visual_loss_beta", "visual_loss_weight", "text_loss_weight")
+
+
 def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
     """Load or assemble the model, wrap it with LoRA when asked, freeze what the recipe freezes."""
     spec = recipe.model
@@ -101,8 +104,10 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
         processor = VPiTProcessor.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
         architecture = ("num_visual_tokens", "pooling", "bridge", "visual_head", "initializer_range")
         check_against_config(spec, model.config, architecture, spec.pretrained)
-        if spec.visual_loss_weight is not None:  # a loss weight, not architecture: the recipe sets it for its stage
-            model.config.visual_loss_weight = spec.visual_loss_weight
+        for key in LOSS_SETTINGS:  # losses, not architecture: the recipe sets them for its stage
+            if getattr(spec, key) is not None:
+                setattr(model.config, key, getattr(spec, key))
+        model.config._check()
     else:
         assert spec.llm is not None  # ModelSection validation guarantees one of the two
         model, processor = assemble(
@@ -121,13 +126,14 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
                     "pooling",
                     "bridge",
                     "visual_head",
-                    "visual_loss_weight",
+                    *LOSS_SETTINGS,
                     "initializer_range",
                 )
                 if getattr(spec, key) is not None  # unset: VPiTConfig's default
             },
         )
     model.fused_cross_entropy = recipe.train.fused_cross_entropy
+    model.z_loss_weight = recipe.train.z_loss
     if recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:

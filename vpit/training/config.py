@@ -2,6 +2,8 @@
 
     python -m vpit.train recipes/toy/vpit.yaml optim.lr=1e-4 train.max_steps=200
 
+A recipe can start from another (`base: vpit.yaml`, relative to its folder) and state only what it changes.
+
 `stage` picks the recipe class (`RECIPES`): `bridge` and `vpit` read an `InstructionRecipe`, `decoder` a
 `DecoderRecipe`. Every section and key is a dataclass field with a default and help text; unknown keys, and
 sections the stage does not use, are errors (a typo never silently trains with a default, and a `lora:` section
@@ -74,8 +76,22 @@ class ModelSection(EncoderSection):
     visual_head: str | None = field(
         default=None, metadata=_help("'linear' or 'mlp' (default); with `pretrained`, must equal the folder's")
     )
+    visual_loss: str | None = field(
+        default=None,
+        metadata=_help(
+            "the visual head's loss: 'cosine' (MetaMorph, default), 'l2' (Emu, Emu2) or 'smooth_l1'; with "
+            "`pretrained`, replaces the folder's"
+        ),
+    )
+    visual_loss_beta: float | None = field(
+        default=None,
+        metadata=_help("smooth_l1's threshold per feature (0.05); with `pretrained`, replaces the folder's"),
+    )
     visual_loss_weight: float | None = field(
-        default=None, metadata=_help("lambda of the cosine loss (1.0); with `pretrained`, replaces the folder's")
+        default=None, metadata=_help("lambda_v of the visual loss (1.0); with `pretrained`, replaces the folder's")
+    )
+    text_loss_weight: float | None = field(
+        default=None, metadata=_help("lambda_t of the text CE (1.0); with `pretrained`, replaces the folder's")
     )
     initializer_range: float | None = field(
         default=None,
@@ -213,6 +229,13 @@ class TrainSection:
             "(CUDA, liger-kernel installed, unsharded weights), true = required, false = never"
         ),
     )
+    z_loss: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of Chameleon's z-loss, log(Z)^2 of the text logits at labelled positions (1e-5 to 1e-4 usual; "
+            "0: off)"
+        ),
+    )
     checkpoint_every: int = field(
         default=500, metadata=_help("save a resumable checkpoint every N optimizer steps (0: never)")
     )
@@ -233,6 +256,8 @@ class TrainSection:
             raise ValueError(f"train.mixed_precision must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.max_steps < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ValueError("train: max_steps, keep_checkpoints and log_every must be >= 1")
+        if not self.z_loss >= 0:
+            raise ValueError(f"train.z_loss is a weight >= 0, got {self.z_loss}")
 
 
 @dataclass
@@ -484,13 +509,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` over `base`, section by section; a value that is not a mapping (lists included) replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a mapping, with its `base:` resolved: `base: vpit.yaml` (relative to the file's folder)
+    reads that recipe first and applies this file's keys over it, so a variant states only what it changes."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ValueError(f"recipe bases form a cycle: {chain}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: base must name one recipe file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ValueError(f"{path}: base recipe {base_path} does not exist")
+    return _merge(read_recipe_file(base_path, (*_seen, path.resolve())), data)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply dotted overrides, validate.
+    """Read a YAML recipe (and its `base:` chain), apply dotted overrides, validate.
 
     Raises:
         ValueError: unknown keys, missing required keys, or an invalid value (the message names it).
     """
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = read_recipe_file(path)
     return recipe_from_dict(apply_overrides(data, overrides or []), str(path))
 
 
@@ -513,5 +570,6 @@ __all__ = [
     "apply_overrides",
     "check_against_config",
     "load_recipe",
+    "read_recipe_file",
     "recipe_from_dict",
 ]

@@ -20,7 +20,7 @@ from ..model.losses import count_loss_items
 from .checkpoint import CheckpointExtra, TrainerState, save_checkpoint
 from .config import Recipe
 
-LOSS_KEYS = ("loss", "text_loss", "visual_loss")
+LOSS_KEYS = ("loss", "text_loss", "visual_loss", "z_loss")  # z_loss only when train.z_loss > 0
 
 
 def train_loop(
@@ -63,7 +63,8 @@ def train_loop(
                 num_visual_items_in_batch=global_counts[1],
                 return_logits=False,  # the LM head runs only where a label follows
             )
-            return out.loss * (world * accumulation), {key: getattr(out, key) for key in LOSS_KEYS}
+            terms = {key: getattr(out, key) for key in LOSS_KEYS if getattr(out, key) is not None}
+            return out.loss * (world * accumulation), terms
 
     params = [p for p in model.parameters() if p.requires_grad]
     progress = tqdm(
@@ -138,8 +139,9 @@ def evaluate_losses(
     accelerator: Accelerator, model: nn.Module, batches: Iterator[dict[str, Any]], num_batches: int
 ) -> dict[str, float]:
     """Held-out losses over `num_batches` batches of every process, weighted as training weighs a global batch:
-    CE summed over all labelled tokens over their count, the cosine term likewise over all visual targets."""
-    sums = torch.zeros(4, dtype=torch.float64)  # CE sum, cosine-distance sum, labelled tokens, visual targets
+    CE summed over all labelled tokens over their count, the visual term likewise over all visual targets; the
+    total with the config's per-modality weights (the z-loss, a regulariser, is not part of it)."""
+    sums = torch.zeros(4, dtype=torch.float64)  # CE sum, visual-loss sum, labelled tokens, visual targets
     with torch.no_grad():
         for _ in range(num_batches):
             batch = next(batches)
@@ -148,8 +150,9 @@ def evaluate_losses(
             sums += torch.tensor([float(out.text_loss), float(out.visual_loss), *counts.tolist()], dtype=torch.float64)
     total = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     text, visual = float(total[0] / max(total[2], 1)), float(total[1] / max(total[3], 1))
-    weight = float(vpit_config(accelerator, model).visual_loss_weight)
-    return {"eval_loss": text + weight * visual, "eval_text_loss": text, "eval_visual_loss": visual}
+    config = vpit_config(accelerator, model)
+    loss = float(config.text_loss_weight) * text + float(config.visual_loss_weight) * visual
+    return {"eval_loss": loss, "eval_text_loss": text, "eval_visual_loss": visual}
 
 
 def vpit_config(accelerator: Accelerator, model: nn.Module) -> Any:
