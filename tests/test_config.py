@@ -51,7 +51,7 @@ def test_every_field_has_help_text():
         ({"pooling": "max"}, r"pooling must be one of \['bilinear', 'avg'\], got 'max'"),
         ({"bridge": "mlp2x_relu"}, "bridge must be 'linear' or 'mlpNx_gelu'"),
         ({"bridge": "mlp0x_gelu"}, "bridge must be 'linear' or 'mlpNx_gelu' with N >= 1"),
-        ({"visual_head": "transformer"}, r"visual_head must be one of \['linear', 'mlp'\]"),
+        ({"visual_head": "transformer"}, r"visual_head must be one of \['diffusion', 'linear', 'mlp'\]"),
         ({"visual_loss_weight": -1.0}, "visual_loss_weight must be a finite number >= 0, got -1.0"),
         ({"visual_loss_weight": math.nan}, "visual_loss_weight must be a finite number"),
         ({"image_token": "<image_start>"}, "three distinct non-empty strings"),

@@ -100,6 +100,14 @@ class _Settings:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     max_images_per_row: int | None
+    visual_sampling: dict[str, Any]  # steps / temperature / guidance_scale of a sampling visual head (given ones)
+
+
+VISUAL_SAMPLING = {
+    "visual_steps": "steps",
+    "visual_temperature": "temperature",
+    "visual_guidance_scale": "guidance_scale",
+}
 
 
 def _first(*values: Any) -> Any:
@@ -150,6 +158,12 @@ def _resolve_settings(
     if warpers and not do_sample:
         raise ValueError(f"{', '.join(warpers)} only shape sampling; pass do_sample=True, or leave them out for greedy")
     temperature, top_p, penalty = pick("temperature"), pick("top_p"), pick("repetition_penalty")
+    visual_sampling = {head_name: pick(name) for name, head_name in VISUAL_SAMPLING.items() if pick(name) is not None}
+    if visual_sampling and not hasattr(model.visual_head, "sample"):
+        raise ValueError(
+            f"{sorted(VISUAL_SAMPLING)} set a sampling visual head ('diffusion'); this model's is "
+            f"{model.config.visual_head!r}, which regresses its tokens"
+        )
     return _Settings(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -160,7 +174,13 @@ def _resolve_settings(
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
         max_images_per_row=limit,
+        visual_sampling=visual_sampling,
     )
+
+
+def _visual_kwargs(model: VPiTForCausalLM, settings: _Settings, generator: torch.Generator | None) -> dict[str, Any]:
+    """What `predict_visual` takes: a sampling head's settings and the generator; nothing for a regression head."""
+    return {**settings.visual_sampling, "generator": generator} if hasattr(model.visual_head, "sample") else {}
 
 
 class ImageTokenMask(LogitsProcessor):
@@ -319,6 +339,9 @@ def generate(
     pad_token_id: int | None = None,
     max_images_per_row: int | None = None,
     logits_processor: Sequence[LogitsProcessor] | None = None,
+    visual_steps: int | None = None,
+    visual_temperature: float | None = None,
+    visual_guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
     streamer: Streamer | None = None,
     use_cache: bool = True,
@@ -343,7 +366,11 @@ def generate(
         max_images_per_row: bar `<image_start>` from a row once it started this many images (None: no limit).
         logits_processor: extra transformers `LogitsProcessor`s, applied after the repetition penalty and before
             the warpers, as `GenerationMixin.generate` orders them. They see (B, T') ids and (B, V) float scores.
-        generator: the random generator sampling draws from (seed it for reproducible samples).
+        visual_steps, visual_temperature, visual_guidance_scale: how a sampling visual head (`diffusion`) samples
+            each token: denoising steps, the initial noise's scale, classifier-free guidance (None: the head's
+            defaults, `visual_head_options`); an error with a regression head.
+        generator: the random generator sampling draws from, text and sampled visual tokens alike (seed it for
+            reproducible samples).
         streamer: `TextStreamer`-like; batch size 1 only. Receives the prompt's tokens without its slots (so that
             `skip_prompt=True` works), then every new token except image slots, then `end()`.
         use_cache: keep a `DynamicCache` (one position per step); False recomputes the whole prefix every step.
@@ -379,6 +406,9 @@ def generate(
             "eos_token_id": eos_token_id,
             "pad_token_id": pad_token_id,
             "max_images_per_row": max_images_per_row,
+            "visual_steps": visual_steps,
+            "visual_temperature": visual_temperature,
+            "visual_guidance_scale": visual_guidance_scale,
         },
     )
     input_ids, attention_mask, open_span = _check_prompt(model, input_ids, attention_mask)
@@ -412,20 +442,21 @@ def generate(
     sequences = input_ids  # (B, T')
     step_embeds = inputs_embeds  # (B, T, H) for the prefill, then (B, 1, H)
     all_embeds = inputs_embeds  # (B, T', H), kept only without a cache
-    visual_steps: list[tuple[int, torch.Tensor]] = []  # (step, ẑ (B, Dv)) for the steps with a visual row
+    predicted: list[tuple[int, torch.Tensor]] = []  # (step, ẑ (B, Dv)) for the steps with a visual row
     if streamer is not None:
         streamer.put(input_ids[:, (input_ids[0] != slot_id) & (attention_mask[0] == 1)].cpu())
 
     if synced_gpus is None:
         synced_gpus = model.is_partitioned() and dist.is_initialized() and dist.get_world_size() > 1
     finished_here = False  # synced: this process is done and only keeps the others company
+    visual_kwargs = _visual_kwargs(model, settings, generator)
 
     for step in range(settings.max_new_tokens):
         if finished_here:
             # Call every module the other processes call (a one-position forward, the head, the bridge), record
             # nothing, until all of them are done.
             _, idle = model.run_language_model(inputs_embeds=step_embeds[:, -1:], use_cache=False, **llm_kwargs)
-            model.bridge(model.predict_visual(idle[:, -1]).to(step_embeds.dtype))
+            model.bridge(model.predict_visual(idle[:, -1], **visual_kwargs).to(step_embeds.dtype))
             if _all_done(True, device):
                 break
             continue
@@ -452,11 +483,11 @@ def generate(
         tokens = torch.where(visual, slot_id, tokens)
         next_embeds = embed_tokens(tokens)  # (B, H)
         if bool(visual.any()) or synced_gpus:  # synced: the head and bridge run on every process at every step
-            z_hat = model.predict_visual(h_last)  # (B, Dv)
+            z_hat = model.predict_visual(h_last, **visual_kwargs)  # (B, Dv)
             bridged = model.bridge(z_hat.to(next_embeds.dtype)).to(next_embeds.dtype)  # (B, H)
             next_embeds = torch.where(visual[:, None], bridged, next_embeds)  # (B, H)
             if bool(visual.any()):
-                visual_steps.append((step, z_hat))
+                predicted.append((step, z_hat))
 
         # The new column is real for every row that was not DONE before this step (an eos token included).
         sequences = torch.cat([sequences, tokens[:, None]], dim=1)
@@ -487,7 +518,7 @@ def generate(
         streamer.end()
     new_tokens = sequences.shape[1] - prompt_length
     z_all = h_last.new_zeros(batch, new_tokens, model.vision_tower.hidden_size)  # (B, N, Dv)
-    for step, z_hat in visual_steps:
+    for step, z_hat in predicted:
         z_all[:, step] = z_hat.to(z_all.dtype)
     images, partial = _split_images(sequences, z_all, prompt_length, slot_id, k)
     return _output(
@@ -529,6 +560,9 @@ def generate_no_cache(
     pad_token_id: int | None = None,
     max_images_per_row: int | None = None,
     logits_processor: Sequence[LogitsProcessor] | None = None,
+    visual_steps: int | None = None,
+    visual_temperature: float | None = None,
+    visual_guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
 ) -> VPiTGenerationOutput:
     """Reference decoding: each row alone (its padding stripped), no KV cache, the whole prefix re-embedded and
@@ -549,6 +583,9 @@ def generate_no_cache(
             "eos_token_id": eos_token_id,
             "pad_token_id": pad_token_id,
             "max_images_per_row": max_images_per_row,
+            "visual_steps": visual_steps,
+            "visual_temperature": visual_temperature,
+            "visual_guidance_scale": visual_guidance_scale,
         },
     )
     input_ids, attention_mask, _ = _check_prompt(model, input_ids, attention_mask)
@@ -628,7 +665,7 @@ def _reference_row(
         out = model.language_model(inputs_embeds=embeds, use_cache=False, output_hidden_states=True, return_dict=True)
         h_last = out.hidden_states[-1][:, -1]  # (1, H)
         if visual_left > 0:
-            z_hat = model.predict_visual(h_last)[0]  # (Dv,)
+            z_hat = model.predict_visual(h_last, **_visual_kwargs(model, settings, generator))[0]  # (Dv,)
             z.append(z_hat)
             generated.append(z_hat)
             token = slot_id

@@ -83,6 +83,8 @@ class AnswerOptions(TypedDict, total=False):
         start_with_image: end the prompt with `<image_start>`, so that the answer starts with a generated image.
         max_images_per_row: images an answer may start at most (None: no limit).
         logits_processor: extra transformers `LogitsProcessor`s, passed to `generate`.
+        visual_steps, visual_temperature, visual_guidance_scale: how a sampling visual head (`diffusion`) samples
+            the visual tokens, as in `generate` (None: the head's defaults).
         num_inference_steps: the decoder's denoising steps; 50.
         guidance_scale: the decoder's classifier-free guidance scale; 7.5.
         seed: seeds both sampling and the decoder's initial noise (None: the global RNG).
@@ -97,6 +99,9 @@ class AnswerOptions(TypedDict, total=False):
     start_with_image: bool
     max_images_per_row: int | None
     logits_processor: Sequence[LogitsProcessor] | None
+    visual_steps: int | None
+    visual_temperature: float | None
+    visual_guidance_scale: float | None
     num_inference_steps: int
     guidance_scale: float
     seed: int | None
@@ -277,6 +282,9 @@ class VPiTPipeline:
         start_with_image: bool = False,
         max_images_per_row: int | None = None,
         logits_processor: Sequence[LogitsProcessor] | None = None,
+        visual_steps: int | None = None,
+        visual_temperature: float | None = None,
+        visual_guidance_scale: float | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         seed: int | None = None,
@@ -306,6 +314,9 @@ class VPiTPipeline:
             top_k=top_k,
             max_images_per_row=max_images_per_row,
             logits_processor=logits_processor,
+            visual_steps=visual_steps,
+            visual_temperature=visual_temperature,
+            visual_guidance_scale=visual_guidance_scale,
             generator=generator,
             streamer=streamer,
         )

@@ -1,7 +1,8 @@
 """Adapters between the vision encoder and the LLM, behind one small registry each.
 
     bridge       encoder tokens (.., Dv) -> LLM input embeddings (.., H)
-    visual head  LLM hidden states (.., H) -> predicted visual tokens (.., Dv)
+    visual head  LLM hidden states (.., H) -> predicted visual tokens (.., Dv); `diffusion` samples them
+                 (`vpit.model.diffusion_head`), the others regress them
 
 A name in the config (`VPiTConfig.bridge`, `VPiTConfig.visual_head`) selects a builder here; adding a variant is
 one function plus one registry line. Bridge names may carry a depth: `mlpNx_gelu` is N Linear layers.
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
+
+from .diffusion_head import DiffusionHead
 
 _MLP_BRIDGE = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -49,11 +53,21 @@ def _mlp_head(hidden_size: int, vision_size: int) -> VisualHead:
 BRIDGES: dict[str, Callable[[int, int], nn.Module]] = {
     "linear": lambda vision_size, hidden_size: _mlp_gelu(1, vision_size, hidden_size),
 }
-# name -> builder(H, Dv)
-VISUAL_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+
+
+def _diffusion_head(hidden_size: int, vision_size: int, **options: Any) -> DiffusionHead:
+    """MAR's per-token flow-matching denoiser conditioned on the hidden state; `options` are `DiffusionHead`'s
+    (width, depth, batch_mul, condition_dropout, steps, temperature, guidance_scale)."""
+    return DiffusionHead(hidden_size, vision_size, **options)
+
+
+# name -> builder(H, Dv, **VPiTConfig.visual_head_options)
+VISUAL_HEADS: dict[str, Callable[..., nn.Module]] = {
     "linear": _linear_head,
     "mlp": _mlp_head,
+    "diffusion": _diffusion_head,
 }
+SAMPLING_HEADS = ("diffusion",)  # heads that sample their tokens rather than regress them
 
 
 def check_bridge(name: str) -> None:
@@ -82,14 +96,19 @@ def build_bridge(name: str, vision_size: int, hidden_size: int) -> nn.Module:
     return _mlp_gelu(int(match.group(1)), vision_size, hidden_size)
 
 
-def build_visual_head(name: str, hidden_size: int, vision_size: int) -> nn.Module:
-    """The visual head `name`: (.., H) -> (.., Dv)."""
+def build_visual_head(
+    name: str, hidden_size: int, vision_size: int, options: dict[str, Any] | None = None
+) -> nn.Module:
+    """The visual head `name`: (.., H) -> (.., Dv); `options` go to its builder (only sampling heads take any)."""
     check_visual_head(name)
-    return VISUAL_HEADS[name](hidden_size, vision_size)
+    if options and name not in SAMPLING_HEADS:
+        raise ValueError(f"visual_head_options apply to the {list(SAMPLING_HEADS)} heads; {name!r} takes none")
+    return VISUAL_HEADS[name](hidden_size, vision_size, **(options or {}))
 
 
 __all__ = [
     "BRIDGES",
+    "SAMPLING_HEADS",
     "VISUAL_HEADS",
     "Bridge",
     "VisualHead",

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .adapters import check_bridge, check_visual_head
+from .adapters import SAMPLING_HEADS, check_bridge, check_visual_head
 from .losses import VISUAL_LOSSES
 
 VISION_BACKENDS = ("open_clip", "hf")
@@ -127,7 +127,17 @@ class VPiTConfig(PreTrainedConfig):
     )
     visual_head: str = field(
         default="mlp",
-        metadata={"help": "LLM -> visual token head: 'linear' (H->Dv) or 'mlp' (Linear(H,H)-GELU-Linear(H,Dv))."},
+        metadata={
+            "help": "LLM -> visual token head: 'linear' (H->Dv), 'mlp' (Linear(H,H)-GELU-Linear(H,Dv)), or "
+            "'diffusion' (MAR: a flow-matching denoiser conditioned on the hidden state samples each token)."
+        },
+    )
+    visual_head_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the 'diffusion' head (vpit.model.diffusion_head.DiffusionHead): width, depth, "
+            "batch_mul, condition_dropout, and the sampling defaults steps, temperature, guidance_scale."
+        },
     )
     visual_loss: str = field(
         default="cosine",
@@ -186,6 +196,11 @@ class VPiTConfig(PreTrainedConfig):
         _one_of("pooling", self.pooling, POOLING_MODES)
         check_bridge(self.bridge)
         check_visual_head(self.visual_head)
+        if self.visual_head in SAMPLING_HEADS and self.visual_loss != "cosine":
+            raise ValueError(
+                f"the {self.visual_head!r} head trains with its own (flow-matching) loss; visual_loss "
+                f"{self.visual_loss!r} applies to the regression heads ('linear', 'mlp'): leave it at 'cosine'"
+            )
         _one_of("visual_loss", self.visual_loss, VISUAL_LOSSES)
         for name in ("visual_loss_weight", "text_loss_weight"):
             weight = getattr(self, name)

@@ -78,6 +78,12 @@ def _divide(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     return total / max(int(count), 1)
 
 
+def mean_over_items(per_item: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """(M,) per-item losses -> their sum divided by M (or by `num_items_in_batch`, the global batch's count); M = 0
+    gives an exact 0."""
+    return _divide(per_item.sum(), per_item.shape[0] if num_items_in_batch is None else num_items_in_batch)
+
+
 def text_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -150,8 +156,7 @@ def cosine_loss(
             whole global batch, over processes and micro-batches); defaults to M.
     """
     cos = F.cosine_similarity(predictions.float(), targets.float(), dim=-1)  # (M,)
-    total = (1.0 - cos).sum()
-    return _divide(total, cos.shape[0] if num_items_in_batch is None else num_items_in_batch)
+    return mean_over_items(1.0 - cos, num_items_in_batch)
 
 
 def visual_loss(
@@ -180,7 +185,7 @@ def visual_loss(
         per_token = F.smooth_l1_loss(predictions.float(), targets.float(), reduction="none", beta=beta).sum(dim=-1)
     else:
         raise ValueError(f"visual loss must be one of {list(VISUAL_LOSSES)}, got {kind!r}")
-    return _divide(per_token.sum(), per_token.shape[0] if num_items_in_batch is None else num_items_in_batch)
+    return mean_over_items(per_token, num_items_in_batch)
 
 
 def count_loss_items(labels: torch.Tensor, visual_target_mask: torch.Tensor) -> torch.Tensor:
@@ -201,6 +206,7 @@ __all__ = [
     "fused_cross_entropy_available",
     "fused_text_loss",
     "labelled_positions",
+    "mean_over_items",
     "text_loss",
     "visual_loss",
     "z_loss",

@@ -27,11 +27,13 @@ from transformers.utils import ModelOutput
 
 from .adapters import build_bridge, build_visual_head
 from .configuration_vpit import VPiTConfig
+from .diffusion_head import DiffusionHead
 from .losses import (
     IGNORE_INDEX,
     fused_cross_entropy_available,
     fused_text_loss,
     labelled_positions,
+    mean_over_items,
     text_loss,
     visual_loss,
     z_loss,
@@ -125,7 +127,7 @@ class VPiTPreTrainedModel(PreTrainedModel):
     # Kept whole by device maps, and each sharded as one unit by FSDP2 (accelerate wraps these classes; the LLM's
     # decoder layers join from its own list): every module that evaluation and generation call directly gathers
     # its own weights, on every rank.
-    _no_split_modules = ["VisionEncoder", "Bridge", "VisualHead"]  # noqa: RUF012 (an instance attribute upstream)
+    _no_split_modules = ["VisionEncoder", "Bridge", "VisualHead", "DiffusionHead"]  # noqa: RUF012 (an instance attribute upstream)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -141,6 +143,10 @@ class VPiTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        if isinstance(module, DiffusionHead):  # `apply` reaches it after its layers: adaLN-Zero over the N(0, std)
+            for layer in module.zero_initialised():
+                init.zeros_(layer.weight)
+                init.zeros_(layer.bias)
 
 
 class VPiTForCausalLM(VPiTPreTrainedModel):
@@ -178,7 +184,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         )
         hidden, vision = config.get_text_config().hidden_size, self.vision_tower.hidden_size
         self.bridge = build_bridge(config.bridge, vision, hidden)
-        self.visual_head = build_visual_head(config.visual_head, hidden, vision)
+        self.visual_head = build_visual_head(config.visual_head, hidden, vision, config.visual_head_options)
         self.post_init()
         # transformers 5 initialises weights in `from_pretrained` (for missing keys) or `init_weights()`, not in
         # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
@@ -369,10 +375,24 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         start_id, _, slot_id = self.image_token_ids()
         return response_slot_mask(input_ids, labels, start_id, slot_id)
 
-    def predict_visual(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(.., H) -> (.., Dv): the visual head; normalised when the targets are and the loss is the cosine."""
-        pred = self.visual_head(hidden_states)
-        # A cosine loss leaves the norm free, so it is fixed; a regression loss (l2, smooth_l1) learns the values.
+    def predict_visual(self, hidden_states: torch.Tensor, **sampling: Any) -> torch.Tensor:
+        """(.., H) -> (.., Dv): the visual head's tokens; normalised when the targets are and the head is trained
+        with the cosine (which leaves the norm free) or samples them (diffusion), not when it regresses their values
+        (l2, smooth_l1).
+
+        Args:
+            sampling: for a sampling head (`diffusion`): steps, temperature, guidance_scale, generator (None: the
+                head's defaults). A regression head takes none.
+        """
+        if isinstance(self.visual_head, DiffusionHead):
+            pred = self.visual_head.sample(hidden_states, **{k: v for k, v in sampling.items() if v is not None})
+        else:
+            given = sorted(k for k, v in sampling.items() if v is not None and k != "generator")
+            if given:
+                raise ValueError(
+                    f"{given} apply to a sampling visual head ('diffusion'); this one is {self.config.visual_head!r}"
+                )
+            pred = self.visual_head(hidden_states)
         normalise = self.config.normalize_visual_tokens and self.config.visual_loss == "cosine"
         return F.normalize(pred, dim=-1) if normalise else pred
 
@@ -467,15 +487,21 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             else:
                 t_loss = text_loss(logits, labels, num_items_in_batch, positions)
             # Next-token shift: the hidden state at t - 1 predicts the visual token at slot t.
-            predictions = self.predict_visual(hidden[:, :-1][visual_target_mask[:, 1:]])  # (M, Dv)
+            conditions = hidden[:, :-1][visual_target_mask[:, 1:]]  # (M, H)
             if z is None:
-                targets = predictions.new_zeros(0, predictions.shape[-1])
+                targets = conditions.new_zeros(0, self.vision_tower.hidden_size)
             else:
                 targets = z.reshape(-1, z.shape[-1])[visual_target_mask[slot_mask]].detach()  # (M, Dv)
             config = self.config
-            v_loss = visual_loss(
-                predictions, targets, config.visual_loss, num_visual_items_in_batch, beta=config.visual_loss_beta
-            )
+            if isinstance(self.visual_head, DiffusionHead):
+                # Sampled tokens only when evaluating (they cost `steps` denoiser calls and carry no gradient).
+                predictions = None if self.training else self.predict_visual(conditions)
+                v_loss = mean_over_items(self.visual_head.loss(conditions, targets), num_visual_items_in_batch)
+            else:
+                predictions = self.predict_visual(conditions)  # (M, Dv)
+                v_loss = visual_loss(
+                    predictions, targets, config.visual_loss, num_visual_items_in_batch, beta=config.visual_loss_beta
+                )
             loss = config.text_loss_weight * t_loss + config.visual_loss_weight * v_loss
             if z_weight > 0:
                 z_term = z_loss(logits, labels, num_items_in_batch, positions)

@@ -102,7 +102,14 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             trust_remote_code=spec.trust_remote_code,
         )
         processor = VPiTProcessor.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
-        architecture = ("num_visual_tokens", "pooling", "bridge", "visual_head", "initializer_range")
+        architecture = (
+            "num_visual_tokens",
+            "pooling",
+            "bridge",
+            "visual_head",
+            "visual_head_options",
+            "initializer_range",
+        )
         check_against_config(spec, model.config, architecture, spec.pretrained)
         for key in LOSS_SETTINGS:  # losses, not architecture: the recipe sets them for its stage
             if getattr(spec, key) is not None:
@@ -126,6 +133,7 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
                     "pooling",
                     "bridge",
                     "visual_head",
+                    "visual_head_options",
                     *LOSS_SETTINGS,
                     "initializer_range",
                 )

@@ -74,7 +74,18 @@ class ModelSection(EncoderSection):
         metadata=_help("'linear' or 'mlpNx_gelu' (mlp2x_gelu); with `pretrained`, must equal the folder's"),
     )
     visual_head: str | None = field(
-        default=None, metadata=_help("'linear' or 'mlp' (default); with `pretrained`, must equal the folder's")
+        default=None,
+        metadata=_help(
+            "'linear', 'mlp' (default) or 'diffusion' (MAR's per-token denoiser); with `pretrained`, must equal the "
+            "folder's"
+        ),
+    )
+    visual_head_options: dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "the diffusion head's width, depth, batch_mul, condition_dropout and sampling defaults (steps, "
+            "temperature, guidance_scale); with `pretrained`, must equal the folder's"
+        ),
     )
     visual_loss: str | None = field(
         default=None,
