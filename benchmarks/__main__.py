@@ -6,7 +6,7 @@ Runs each benchmark as its own process (`python -m benchmarks.<name>`, default a
 timed runs after a warm-up; see each module's docstring), prints its table, reads the JSON it writes to
 benchmarks/results/, and ends with a table of every measure (figure, goal, met?) written to
 benchmarks/results/summary.json. A benchmark that fails is reported and the others still run; the exit status is
-non-zero then. About 10 minutes on 2 shared CPU cores (budget: 20). `decoder_robustness` measures the toy models
+non-zero then. About 13 minutes on 2 shared CPU cores (budget: 20). `decoder_robustness` measures the toy models
 `make demo` trains, and says so instead of running when outputs/demo holds none. MetaMorph's Finding-1 experiment
 (`benchmarks.finding1`) is not part of the suite: it needs `make demo` first and takes ~20 minutes on its own.
 """
@@ -116,6 +116,14 @@ def _feature_cache(r: dict[str, Any]) -> list[Row]:
     ]  # fmt: skip
 
 
+def _output_side(r: dict[str, Any]) -> list[Row]:
+    return [
+        Row("output_side", f"training step, {name} / cosine (CPU time)", f"{ratio:.2f}x", "-", None)
+        for name, ratio in r["ratio_to_cosine"].items()
+        if name != "cosine"
+    ]
+
+
 def _decoder_robustness(r: dict[str, Any]) -> list[Row]:
     accuracy, ci = r["accuracy"], r["ci95"]
     rows = []
@@ -139,6 +147,7 @@ BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]
     "zero3_memory": ([], "zero3_memory.json", _zero3),
     "memory": ([], "memory.json", _memory),
     "feature_cache": ([], "feature_cache.json", _feature_cache),
+    "output_side": ([], "output_side.json", _output_side),
     "decoder_robustness": ([], "decoder_robustness.json", _decoder_robustness),
 }
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpit.model.losses import VISUAL_LOSSES, cosine_loss, text_loss, visual_loss, z_loss
+from vpit.model.losses import VISUAL_LOSSES, cosine_loss, text_and_z_loss, text_loss, visual_loss, z_loss
 
 
 def test_cosine_loss_identical_orthogonal_opposite():
@@ -258,3 +258,19 @@ def test_z_loss_chunks_like_the_cross_entropy(monkeypatch):
     chunked = z_loss(logits, labels)
     (grad_chunked,) = torch.autograd.grad(chunked, logits)
     assert torch.allclose(whole, chunked) and torch.allclose(grad_whole, grad_chunked, atol=1e-6)
+
+
+def test_text_and_z_loss_share_one_log_partition_and_equal_the_separate_losses(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[1, 2:5] = -100
+    for chunk in (None, 13 * 2):  # whole, then two rows per chunk
+        if chunk:
+            monkeypatch.setattr("vpit.model.losses.CE_CHUNK_ELEMENTS", chunk)
+        ce, z = text_and_z_loss(logits, labels, num_items_in_batch=9)
+        assert torch.allclose(ce, text_loss(logits, labels, num_items_in_batch=9), atol=1e-6)
+        assert torch.allclose(z, z_loss(logits, labels, num_items_in_batch=9), atol=1e-6)
+        grads = torch.autograd.grad(ce + 0.1 * z, logits)[0]
+        separate = torch.autograd.grad(text_loss(logits, labels, 9) + 0.1 * z_loss(logits, labels, 9), logits)[0]
+        assert torch.allclose(grads, separate, atol=1e-6)

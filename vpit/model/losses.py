@@ -34,6 +34,14 @@ def _z_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return log_partition.square()[targets != IGNORE_INDEX].sum()
 
 
+def _ce_z_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(2,): the CE sum and the squared-log-partition sum, from one log-sum-exp (CE = log Z - logit of the target)."""
+    valid = targets != IGNORE_INDEX
+    log_partition = torch.logsumexp(logits.float(), dim=-1)[valid]  # (N',)
+    target_logits = logits[valid].float().gather(-1, targets[valid, None]).squeeze(-1)  # (N',)
+    return torch.stack([(log_partition - target_logits).sum(), log_partition.square().sum()])
+
+
 def _chunked_sum(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     logits: torch.Tensor,
@@ -70,6 +78,20 @@ def z_loss(
     targets = _shifted_targets(labels, positions).to(logits.device)
     total = _chunked_sum(_z_sum, logits.flatten(0, 1), targets)
     return _divide(total, (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def text_and_z_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`text_loss` and `z_loss` together, sharing one log-sum-exp over the vocabulary (the z-loss alone would
+    compute it a second time); same arguments, same values."""
+    targets = _shifted_targets(labels, positions).to(logits.device)
+    ce, z = _chunked_sum(_ce_z_sums, logits.flatten(0, 1), targets)
+    count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+    return _divide(ce, count), _divide(z, count)
 
 
 def _divide(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
@@ -207,6 +229,7 @@ __all__ = [
     "fused_text_loss",
     "labelled_positions",
     "mean_over_items",
+    "text_and_z_loss",
     "text_loss",
     "visual_loss",
     "z_loss",

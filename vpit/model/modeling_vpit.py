@@ -34,9 +34,9 @@ from .losses import (
     fused_text_loss,
     labelled_positions,
     mean_over_items,
+    text_and_z_loss,
     text_loss,
     visual_loss,
-    z_loss,
 )
 from .processing_vpit import token_id
 from .vision import VisionEncoder
@@ -484,6 +484,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             head = self.get_output_embeddings()
             if fused and isinstance(head, nn.Linear) and positions is not None:
                 t_loss = fused_text_loss(hidden[:, positions], head, labels, num_items_in_batch, positions)
+            elif z_weight > 0:
+                t_loss, z_term = text_and_z_loss(logits, labels, num_items_in_batch, positions)
             else:
                 t_loss = text_loss(logits, labels, num_items_in_batch, positions)
             # Next-token shift: the hidden state at t - 1 predicts the visual token at slot t.
@@ -503,8 +505,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                     predictions, targets, config.visual_loss, num_visual_items_in_batch, beta=config.visual_loss_beta
                 )
             loss = config.text_loss_weight * t_loss + config.visual_loss_weight * v_loss
-            if z_weight > 0:
-                z_term = z_loss(logits, labels, num_items_in_batch, positions)
+            if z_term is not None:
                 loss = loss + z_weight * z_term
 
         return VPiTCausalLMOutput(
