@@ -255,3 +255,14 @@ def test_robustness_benchmark_perturbs_tokens_to_exactly_the_asked_cosine():
         torch.testing.assert_close(moved.norm(dim=-1), torch.ones(6, 16))  # still unit tokens
         torch.testing.assert_close((moved * tokens).sum(-1), torch.full((6, 16), cosine))  # each at that cosine
         assert not torch.allclose(perturbed(tokens, cosine, torch.Generator().manual_seed(1)), moved)
+
+
+def test_the_vpit_stage_recipe_is_checked_before_anything_runs(tmp_path):
+    from vpit.toy.demo import DemoPlan, run_demo
+
+    plan = DemoPlan.fast()
+    assert plan.vpit_recipe == "vpit"  # MetaMorph's cosine unless asked
+    plan.vpit_recipe = "vpit_huber"
+    with pytest.raises(SystemExit, match=r"no recipe .*vpit_huber\.yaml for the VPiT stage"):
+        run_demo(tmp_path / "out", tmp_path / "work", plan)
+    assert not (tmp_path / "work").exists()  # nothing was written

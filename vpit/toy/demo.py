@@ -51,6 +51,9 @@ class DemoPlan:
     decoder: dict[str, Any]
     decoder_predicted: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    # The VPiT stage's recipe under recipes/toy/: `vpit` (MetaMorph's cosine) or an output-side variant of it, e.g.
+    # `vpit_smooth_l1` (see benchmarks/RESULTS.md, "The output side").
+    vpit_recipe: str = "vpit"
 
     @classmethod
     def full(cls) -> DemoPlan:
@@ -177,6 +180,9 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
     from .evaluate import EvalSettings, evaluate_toy, markdown_report, meets_targets
     from .world import write_toy_data
 
+    if not (RECIPES / f"{plan.vpit_recipe}.yaml").is_file():
+        raise SystemExit(f"no recipe {RECIPES / plan.vpit_recipe}.yaml for the VPiT stage (--vpit-recipe)")
+
     if workers is None:
         workers = 2 if (os.cpu_count() or 1) >= 2 else 1
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +221,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
     # The decoder needs only the frozen vision encoder, which the bridge-stage model already holds (the VPiT stage
     # does not change it): so it trains from there, and on two or more cores alongside the VPiT stage.
     vpit_stage = (
-        "vpit",
+        plan.vpit_recipe,
         {
             **common,
             "model.pretrained": runs["bridge"] / "final",
@@ -305,7 +311,8 @@ def demo_markdown(report: dict[str, Any], evaluation_md: str) -> str:
         "",
         "The whole loop on the toy world (docs/toy_world.md): locally pretrained toy backbones, the bridge stage, the",
         "VPiT stage and the diffusion decoder, judged by the toy world's pixel classifier on fresh renders.",
-        f"Seed {report.get('seed', 0)} (data, backbones, training; the evaluation has its own).",
+        f"Seed {report.get('seed', 0)} (data, backbones, training; the evaluation has its own). VPiT stage: "
+        f"`recipes/toy/{report['plan'].get('vpit_recipe', 'vpit')}.yaml`.",
         "",
         "| step | seconds |",
         "|---|---|",
@@ -331,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="a few steps of everything (a smoke run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, backbones and training (default 0)")
     parser.add_argument(
+        "--vpit-recipe",
+        default="vpit",
+        help="the VPiT stage's recipe in recipes/toy/ (default vpit: MetaMorph's cosine; e.g. vpit_smooth_l1)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         choices=(1, 2),
@@ -339,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     plan = DemoPlan.fast() if args.fast else DemoPlan.full()
+    plan.vpit_recipe = args.vpit_recipe
     run_demo(args.out.resolve(), args.work.resolve(), plan, workers=args.workers, seed=args.seed)
     return 0
 
