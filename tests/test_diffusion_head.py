@@ -112,3 +112,11 @@ def test_settings_that_do_not_apply_are_errors(tiny_vpit, tiny_llama, tiny_clip)
         vpit.VPiTConfig(text_config={"model_type": "llama"}, visual_head="diffusion", visual_loss="l2")
     with pytest.raises(ValueError, match="visual_head_options apply to the"):
         vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K, visual_head_options={"width": 8})
+
+
+def test_every_class_named_for_sharding_is_in_the_model(diffusion_vpit, tiny_vpit):
+    """accelerate's FSDP wrap (transformer-based, from `_no_split_modules`) fails on a listed class the model lacks."""
+    for model, head in ((diffusion_vpit[0], "DiffusionHead"), (tiny_vpit[0], "VisualHead")):
+        assert head in model._no_split_modules
+        present = {type(m).__name__ for m in model.modules()}
+        assert set(model._no_split_modules) <= present

@@ -127,7 +127,9 @@ class VPiTPreTrainedModel(PreTrainedModel):
     # Kept whole by device maps, and each sharded as one unit by FSDP2 (accelerate wraps these classes; the LLM's
     # decoder layers join from its own list): every module that evaluation and generation call directly gathers
     # its own weights, on every rank.
-    _no_split_modules = ["VisionEncoder", "Bridge", "VisualHead", "DiffusionHead"]  # noqa: RUF012 (an instance attribute upstream)
+    # A model with a diffusion head names `DiffusionHead` instead of `VisualHead` (set per instance in __init__:
+    # accelerate's FSDP wrap fails on a listed class the model does not contain).
+    _no_split_modules = ["VisionEncoder", "Bridge", "VisualHead"]  # noqa: RUF012 (an instance attribute upstream)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -185,6 +187,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         hidden, vision = config.get_text_config().hidden_size, self.vision_tower.hidden_size
         self.bridge = build_bridge(config.bridge, vision, hidden)
         self.visual_head = build_visual_head(config.visual_head, hidden, vision, config.visual_head_options)
+        self._no_split_modules = ["VisionEncoder", "Bridge", type(self.visual_head).__name__]
         self.post_init()
         # transformers 5 initialises weights in `from_pretrained` (for missing keys) or `init_weights()`, not in
         # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
