@@ -20,9 +20,9 @@ condition c = time embedding + Linear(h): shift, scale, gate; Linear-SiLU-Linear
 a zero-initialised Linear(W, Dv).
 
     >>> head = DiffusionHead(hidden_size=64, vision_size=16, width=32, depth=2)
-    >>> head.loss(torch.randn(5, 64), torch.randn(5, 16)).shape          # per-slot losses
+    >>> head(torch.randn(5, 64), torch.randn(5, 16)).shape       # per-slot losses (`loss`)
     torch.Size([5])
-    >>> head.sample(torch.randn(3, 64), steps=8).shape
+    >>> head(torch.randn(3, 64), steps=8).shape                 # sampled tokens (`sample`)
     torch.Size([3, 16])
 """
 
@@ -172,9 +172,21 @@ class DiffusionHead(nn.Module):
             x = x + (t_next - t) * v
         return (x / self.scale).reshape(*lead, self.vision_size)
 
-    def forward(self, hidden_states: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`sample` with the head's defaults: what `VPiTForCausalLM.predict_visual` calls."""
-        return self.sample(hidden_states, generator=generator)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        temperature: float | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """With `targets`: the (M,) training losses (`loss`); without: sampled tokens (`sample`). Both go through
+        `forward` so that wrappers which gather a module's weights around its forward (FSDP2) see every call."""
+        if targets is not None:
+            return self.loss(hidden_states, targets, generator)
+        return self.sample(hidden_states, steps, temperature, guidance_scale, generator)
 
 
 __all__ = ["DiffusionHead", "timestep_embedding"]

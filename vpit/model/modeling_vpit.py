@@ -388,7 +388,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 head's defaults). A regression head takes none.
         """
         if isinstance(self.visual_head, DiffusionHead):
-            pred = self.visual_head.sample(hidden_states, **{k: v for k, v in sampling.items() if v is not None})
+            pred = self.visual_head(hidden_states, **{k: v for k, v in sampling.items() if v is not None})
         else:
             given = sorted(k for k, v in sampling.items() if v is not None and k != "generator")
             if given:
@@ -501,7 +501,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             if isinstance(self.visual_head, DiffusionHead):
                 # Sampled tokens only when evaluating (they cost `steps` denoiser calls and carry no gradient).
                 predictions = None if self.training else self.predict_visual(conditions)
-                v_loss = mean_over_items(self.visual_head.loss(conditions, targets), num_visual_items_in_batch)
+                v_loss = mean_over_items(self.visual_head(conditions, targets), num_visual_items_in_batch)
             else:
                 predictions = self.predict_visual(conditions)  # (M, Dv)
                 v_loss = visual_loss(
