@@ -159,7 +159,7 @@ def _resolve_settings(
         raise ValueError(f"{', '.join(warpers)} only shape sampling; pass do_sample=True, or leave them out for greedy")
     temperature, top_p, penalty = pick("temperature"), pick("top_p"), pick("repetition_penalty")
     visual_sampling = {head_name: pick(name) for name, head_name in VISUAL_SAMPLING.items() if pick(name) is not None}
-    if visual_sampling and not hasattr(model.visual_head, "sample"):
+    if visual_sampling and not model.samples_visual_tokens:
         raise ValueError(
             f"{sorted(VISUAL_SAMPLING)} set a sampling visual head ('diffusion'); this model's is "
             f"{model.config.visual_head!r}, which regresses its tokens"
@@ -180,7 +180,7 @@ def _resolve_settings(
 
 def _visual_kwargs(model: VPiTForCausalLM, settings: _Settings, generator: torch.Generator | None) -> dict[str, Any]:
     """What `predict_visual` takes: a sampling head's settings and the generator; nothing for a regression head."""
-    return {**settings.visual_sampling, "generator": generator} if hasattr(model.visual_head, "sample") else {}
+    return {**settings.visual_sampling, "generator": generator} if model.samples_visual_tokens else {}
 
 
 class ImageTokenMask(LogitsProcessor):

@@ -29,11 +29,6 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _z_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    log_partition = torch.logsumexp(logits.float(), dim=-1)  # (N,)
-    return log_partition.square()[targets != IGNORE_INDEX].sum()
-
-
 def _ce_z_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(2,): the CE sum and the squared-log-partition sum, from one log-sum-exp (CE = log Z - logit of the target)."""
     valid = targets != IGNORE_INDEX
@@ -65,29 +60,17 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return _chunked_sum(_ce_sum, logits, targets)
 
 
-def z_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Chameleon's z-loss (from PaLM): the squared log-partition log(sum(exp(logits)))^2 at the positions that
-    predict a label, summed over them and divided as `text_loss` divides. It keeps the logits' normaliser near 1
-    (log Z near 0), against the logit drift that destabilised Chameleon's mixed-modal training; the usual weight is
-    1e-4 to 1e-5 (`train.z_loss`). Arguments as `text_loss`."""
-    targets = _shifted_targets(labels, positions).to(logits.device)
-    total = _chunked_sum(_z_sum, logits.flatten(0, 1), targets)
-    return _divide(total, (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch)
-
-
 def text_and_z_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`text_loss` and `z_loss` together, sharing one log-sum-exp over the vocabulary (the z-loss alone would
-    compute it a second time); same arguments, same values."""
+    """`text_loss`, and Chameleon's z-loss (from PaLM): the squared log-partition log(sum(exp(logits)))^2 at the
+    positions that predict a label, summed over them and divided as `text_loss` divides. The z-loss keeps the
+    logits' normaliser near 1 (log Z near 0), against the logit drift that destabilised Chameleon's mixed-modal
+    training; the usual weight is 1e-4 to 1e-5 (`train.z_loss`). Both come from one log-sum-exp over the
+    vocabulary; same arguments as `text_loss`."""
     targets = _shifted_targets(labels, positions).to(logits.device)
     ce, z = _chunked_sum(_ce_z_sums, logits.flatten(0, 1), targets)
     count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
@@ -232,5 +215,4 @@ __all__ = [
     "text_and_z_loss",
     "text_loss",
     "visual_loss",
-    "z_loss",
 ]

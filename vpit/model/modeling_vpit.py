@@ -55,7 +55,7 @@ class VPiTCausalLMOutput(ModelOutput):
         text_loss: next-token CE over labelled tokens (response text and image boundary tokens).
         visual_loss: the `config.visual_loss` (mean 1 - cos by default) over response visual slots; exactly 0 when
             the batch has none.
-        z_loss: the squared log-partition of the text logits (`vpit.model.losses.z_loss`), when the model's
+        z_loss: the squared log-partition of the text logits (`vpit.model.losses.text_and_z_loss`), when the model's
             `z_loss_weight` is above 0.
         logits: (B, T, V); None when the forward was asked for the loss only (`return_logits=False`).
         visual_predictions: (M, Dv) head outputs (normalised if configured) for the M response slots.
@@ -378,6 +378,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         start_id, _, slot_id = self.image_token_ids()
         return response_slot_mask(input_ids, labels, start_id, slot_id)
 
+    @property
+    def samples_visual_tokens(self) -> bool:
+        """Whether the visual head samples its tokens (`diffusion`) rather than regressing them."""
+        return isinstance(self.visual_head, DiffusionHead)
+
     def predict_visual(self, hidden_states: torch.Tensor, **sampling: Any) -> torch.Tensor:
         """(.., H) -> (.., Dv): the visual head's tokens; normalised when the targets are and the head is trained
         with the cosine (which leaves the norm free) or samples them (diffusion), not when it regresses their values
@@ -387,7 +392,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             sampling: for a sampling head (`diffusion`): steps, temperature, guidance_scale, generator (None: the
                 head's defaults). A regression head takes none.
         """
-        if isinstance(self.visual_head, DiffusionHead):
+        if self.samples_visual_tokens:
             pred = self.visual_head(hidden_states, **{k: v for k, v in sampling.items() if v is not None})
         else:
             given = sorted(k for k, v in sampling.items() if v is not None and k != "generator")
@@ -498,7 +503,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             else:
                 targets = z.reshape(-1, z.shape[-1])[visual_target_mask[slot_mask]].detach()  # (M, Dv)
             config = self.config
-            if isinstance(self.visual_head, DiffusionHead):
+            if self.samples_visual_tokens:
                 # Sampled tokens only when evaluating (they cost `steps` denoiser calls and carry no gradient).
                 predictions = None if self.training else self.predict_visual(conditions)
                 v_loss = mean_over_items(self.visual_head(conditions, targets), num_visual_items_in_batch)

@@ -88,6 +88,9 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
+# model. keys that define the architecture (a saved folder's must match) and those that set the losses (a recipe's
+# replace a saved folder's); assembling a new model takes both.
+ARCHITECTURE = ("num_visual_tokens", "pooling", "bridge", "visual_head", "visual_head_options", "initializer_range")
 LOSS_SETTINGS = ("visual_loss", "visual_loss_beta", "visual_loss_weight", "text_loss_weight")
 
 
@@ -102,15 +105,7 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             trust_remote_code=spec.trust_remote_code,
         )
         processor = VPiTProcessor.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
-        architecture = (
-            "num_visual_tokens",
-            "pooling",
-            "bridge",
-            "visual_head",
-            "visual_head_options",
-            "initializer_range",
-        )
-        check_against_config(spec, model.config, architecture, spec.pretrained)
+        check_against_config(spec, model.config, ARCHITECTURE, spec.pretrained)
         for key in LOSS_SETTINGS:  # losses, not architecture: the recipe sets them for its stage
             if getattr(spec, key) is not None:
                 setattr(model.config, key, getattr(spec, key))
@@ -128,15 +123,7 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
             trust_remote_code=spec.trust_remote_code,
             **{
                 key: getattr(spec, key)
-                for key in (
-                    "num_visual_tokens",
-                    "pooling",
-                    "bridge",
-                    "visual_head",
-                    "visual_head_options",
-                    *LOSS_SETTINGS,
-                    "initializer_range",
-                )
+                for key in (*ARCHITECTURE, *LOSS_SETTINGS)
                 if getattr(spec, key) is not None  # unset: VPiTConfig's default
             },
         )
