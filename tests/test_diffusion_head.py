@@ -106,7 +106,7 @@ def test_generation_samples_seeded_tokens_with_the_given_settings(diffusion_vpit
 def test_settings_that_do_not_apply_are_errors(tiny_vpit, tiny_llama, tiny_clip):
     model, processor = tiny_vpit  # the mlp head regresses its tokens
     batch = prompts(processor, ["Draw."], open_image=[True])
-    with pytest.raises(ValueError, match="set a sampling visual head"):
+    with pytest.raises(ValueError, match=r"do not apply to the .mlp. visual head"):
         generate(model, **batch, max_new_tokens=K, visual_steps=4)
     with pytest.raises(ValueError, match=r"trains with its own .* loss"):
         vpit.VPiTConfig(text_config={"model_type": "llama"}, visual_head="diffusion", visual_loss="l2")

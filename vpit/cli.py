@@ -70,6 +70,24 @@ def _data_cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _codebook_fit(args: argparse.Namespace) -> int:
+    from .data.codebook import fit_card_codebook
+
+    result = fit_card_codebook(
+        args.card,
+        args.model,
+        args.out,
+        size=args.size,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        use_sample=args.sample,
+        device=args.device,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _toy_data(args: argparse.Namespace) -> int:
     from .toy.world import write_toy_data
 
@@ -288,6 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--sample", action="store_true", help="the card's shipped sample data")
     cache.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     cache.set_defaults(func=_data_cache_features)
+
+    codebook = commands.add_parser("codebook", help="discrete visual codes (visual_target: discrete)")
+    codebook_commands = codebook.add_subparsers(dest="codebook_command", metavar="CODEBOOK_COMMAND", required=True)
+    fit = codebook_commands.add_parser(
+        "fit",
+        help="fit a k-means codebook on a card's encoder tokens and make a model discrete",
+        description="Encode up to --max-images images of the card with the model's frozen encoder, fit --size "
+        "k-means codes on their tokens, add the code tokens to the tokenizer and LM head, and save the model "
+        "(visual_target: discrete) to --out, by default the model folder itself. Writes codebook.json beside it.",
+    )
+    fit.add_argument("card", help="a data card (.yaml) whose images the codes are fitted on")
+    fit.add_argument("--model", required=True, help="a continuous VPiT folder (e.g. the bridge stage's final/)")
+    fit.add_argument("--out", default=None, help="where the discrete model is written (default: --model, in place)")
+    fit.add_argument("--size", type=int, default=256, help="codes in the codebook")
+    fit.add_argument("--max-images", type=int, default=20000, help="images encoded for the fit, in card order")
+    fit.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
+    fit.add_argument("--seed", type=int, default=0, help="seeds k-means")
+    fit.add_argument("--sample", action="store_true", help="the card's shipped sample data")
+    fit.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    fit.set_defaults(func=_codebook_fit)
 
     toy = commands.add_parser("toy", help="the toy world: generate data, pretrain the toy backbones")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

@@ -159,10 +159,13 @@ def _resolve_settings(
         raise ValueError(f"{', '.join(warpers)} only shape sampling; pass do_sample=True, or leave them out for greedy")
     temperature, top_p, penalty = pick("temperature"), pick("top_p"), pick("repetition_penalty")
     visual_sampling = {head_name: pick(name) for name, head_name in VISUAL_SAMPLING.items() if pick(name) is not None}
-    if visual_sampling and not model.samples_visual_tokens:
+    unknown = sorted(f"visual_{name}" for name in visual_sampling if name not in model.visual_sampling_options)
+    if unknown:
+        takes = [f"visual_{name}" for name in model.visual_sampling_options]
+        kind = "a discrete model" if model.is_discrete else f"the {model.config.visual_head!r} visual head"
         raise ValueError(
-            f"{sorted(VISUAL_SAMPLING)} set a sampling visual head ('diffusion'); this model's is "
-            f"{model.config.visual_head!r}, which regresses its tokens"
+            f"{unknown} do not apply to {kind}, which takes {takes or 'none (it regresses its tokens)'}; "
+            "a 'diffusion' head samples in visual_steps at visual_temperature and visual_guidance_scale"
         )
     return _Settings(
         max_new_tokens=max_new_tokens,
@@ -183,12 +186,26 @@ def _visual_kwargs(model: VPiTForCausalLM, settings: _Settings, generator: torch
     return {**settings.visual_sampling, "generator": generator} if model.samples_visual_tokens else {}
 
 
-class ImageTokenMask(LogitsProcessor):
-    """Keeps text decoding inside the state machine: the slot token is never sampled (slots are written only by
-    visual steps), and `<image_start>` is barred from rows that already started `max_images_per_row` images."""
+def _code_ids(model: VPiTForCausalLM) -> range | None:
+    """A discrete model's code token ids (text decoding never samples them), else None."""
+    first, size = model.config.visual_code_token_id, model.config.visual_codebook_size
+    return range(first, first + size) if model.is_discrete and first is not None and size is not None else None
 
-    def __init__(self, image_token_id: int, image_start_token_id: int, max_images_per_row: int | None):
+
+class ImageTokenMask(LogitsProcessor):
+    """Keeps text decoding inside the state machine: the slot token (and a discrete model's code tokens, `codes`)
+    is never sampled (slots are written only by visual steps), and `<image_start>` is barred from rows that already
+    started `max_images_per_row` images."""
+
+    def __init__(
+        self,
+        image_token_id: int,
+        image_start_token_id: int,
+        max_images_per_row: int | None,
+        codes: range | None = None,
+    ):
         self.image_token_id = image_token_id
+        self.codes = codes
         self.image_start_token_id = image_start_token_id
         self.max_images_per_row = max_images_per_row
         self.images_started: torch.Tensor | None = None  # (B,) long, updated by the decoding loop
@@ -196,6 +213,8 @@ class ImageTokenMask(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.clone()
         scores[:, self.image_token_id] = -float("inf")
+        if self.codes is not None:
+            scores[:, self.codes.start : self.codes.stop] = -float("inf")
         if self.max_images_per_row is not None and self.images_started is not None:
             full = self.images_started >= self.max_images_per_row  # (B,)
             scores[:, self.image_start_token_id] = scores[:, self.image_start_token_id].masked_fill(full, -float("inf"))
@@ -426,7 +445,7 @@ def generate(
     inputs_embeds, _ = model.embed(
         cast(torch.LongTensor, input_ids), pixel_values=pixel_values, visual_tokens=visual_tokens
     )  # (B, T, H)
-    image_mask = ImageTokenMask(slot_id, start_id, settings.max_images_per_row)
+    image_mask = ImageTokenMask(slot_id, start_id, settings.max_images_per_row, _code_ids(model))
     processors = _processors(settings, image_mask, logits_processor, (attention_mask == 0).sum(-1))
     cache = DynamicCache(config=model.language_model.config) if use_cache else None
     llm_kwargs = _llm_kwargs(model)
@@ -645,7 +664,7 @@ def _reference_row(
     start_id, end_id, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens
     embed_tokens = model.get_input_embeddings()
-    image_mask = ImageTokenMask(slot_id, start_id, settings.max_images_per_row)
+    image_mask = ImageTokenMask(slot_id, start_id, settings.max_images_per_row, _code_ids(model))
     processors = _processors(settings, image_mask, logits_processor, None)
 
     ids = prompt  # (1, T')

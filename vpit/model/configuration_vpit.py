@@ -20,6 +20,8 @@ from .adapters import SAMPLING_HEADS, check_bridge, check_visual_head
 from .losses import VISUAL_LOSSES
 
 VISION_BACKENDS = ("open_clip", "hf")
+VISUAL_TARGETS = ("continuous", "discrete")
+VISUAL_CODE_TOKEN = "<image_code_{}>"  # the vocabulary entry of code i of a discrete model's codebook
 POOLING_MODES = ("bilinear", "avg")
 
 
@@ -147,6 +149,21 @@ class VPiTConfig(PreTrainedConfig):
             "targets' values, so predictions are not normalised."
         },
     )
+    visual_target: str = field(
+        default="continuous",
+        metadata={
+            "help": "What the model predicts at an image slot: 'continuous' encoder tokens (the visual head), or "
+            "'discrete' codes of a codebook fitted on the encoder's tokens (SEED, Chameleon, Emu3, LWM): code tokens "
+            "in the vocabulary, trained with cross-entropy, their codebook vectors handed to the bridge and decoder. "
+            "Set by `vpit codebook fit`, which fits the codebook and adds the codes."
+        },
+    )
+    visual_codebook_size: int | None = field(
+        default=None, metadata={"help": "C, the discrete codebook's entries; set by `vpit codebook fit`."}
+    )
+    visual_code_token_id: int | None = field(
+        default=None, metadata={"help": "Id of code 0 (`<image_code_0>`); codes 0..C-1 are consecutive ids."}
+    )
     visual_loss_beta: float = field(
         default=0.05, metadata={"help": "smooth_l1's threshold per feature (unit-norm tokens: ~1/sqrt(Dv) each)."}
     )
@@ -202,6 +219,18 @@ class VPiTConfig(PreTrainedConfig):
                 f"{self.visual_loss!r} applies to the regression heads ('linear', 'mlp'): leave it at 'cosine'"
             )
         _one_of("visual_loss", self.visual_loss, VISUAL_LOSSES)
+        _one_of("visual_target", self.visual_target, VISUAL_TARGETS)
+        if self.visual_target == "discrete":
+            if self.visual_head in SAMPLING_HEADS or self.visual_loss != "cosine":
+                raise ValueError(
+                    "a discrete visual target is predicted by the LM head's code rows and trained with cross-entropy; "
+                    f"visual_head {self.visual_head!r} / visual_loss {self.visual_loss!r} apply to continuous targets"
+                )
+            if self.visual_codebook_size is None or self.visual_codebook_size < 2:
+                raise ValueError(
+                    f"visual_target 'discrete' needs a codebook of >= 2 entries, got {self.visual_codebook_size}; "
+                    "fit one with `vpit codebook fit CARD --model DIR`"
+                )
         for name in ("visual_loss_weight", "text_loss_weight"):
             weight = getattr(self, name)
             if not (weight >= 0 and math.isfinite(weight)):
@@ -232,4 +261,4 @@ class VPiTConfig(PreTrainedConfig):
         return int(self.get_text_config().hidden_size)
 
 
-__all__ = ["POOLING_MODES", "VISION_BACKENDS", "VPiTConfig", "VPiTVisionConfig"]
+__all__ = ["POOLING_MODES", "VISION_BACKENDS", "VISUAL_CODE_TOKEN", "VISUAL_TARGETS", "VPiTConfig", "VPiTVisionConfig"]

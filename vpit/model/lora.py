@@ -86,8 +86,9 @@ def apply_lora(
 
 
 def _image_token_targets(model: VPiTForCausalLM) -> tuple[list[int], list[str]]:
-    """The image tokens' ids and the matrices that hold their rows: the embedding, and an untied LM head."""
-    ids = sorted(set(model.image_token_ids()))
+    """The ids of the tokens VPiT added (image tokens; codes of a discrete model) and the matrices that hold their
+    rows: the embedding, and an untied LM head."""
+    ids = model.new_token_ids()
     embeddings = model.get_input_embeddings()
     targets = [_module_name(model, embeddings)]
     output_embeddings = model.get_output_embeddings()

@@ -5,6 +5,9 @@
                                   LLM -> h (B, T, H) -> LM head -> text CE on labelled tokens
                                                      -> visual head -> normalise -> cosine loss on response slots
 
+A discrete model (`visual_target: discrete`) predicts instead the code of each response slot's token in a fitted
+codebook, with the LM head's code rows and cross-entropy, and reads the codebook vectors of response images.
+
 Dimension letters: see `vpit.model.configuration_vpit`.
 """
 
@@ -25,8 +28,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .adapters import build_bridge, build_visual_head
-from .configuration_vpit import VPiTConfig
+from .adapters import VisualHead, build_bridge, build_visual_head
+from .codebook import nearest_codes
+from .configuration_vpit import VISUAL_CODE_TOKEN, VPiTConfig
 from .diffusion_head import DiffusionHead
 from .losses import (
     IGNORE_INDEX,
@@ -167,6 +171,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         >>> out.loss, out.text_loss, out.visual_loss
     """
 
+    visual_codebook: torch.Tensor  # (C, Dv), a buffer of discrete models only
+
     def __init__(
         self,
         config: VPiTConfig,
@@ -186,8 +192,15 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         )
         hidden, vision = config.get_text_config().hidden_size, self.vision_tower.hidden_size
         self.bridge = build_bridge(config.bridge, vision, hidden)
-        self.visual_head = build_visual_head(config.visual_head, hidden, vision, config.visual_head_options)
-        self._no_split_modules = ["VisionEncoder", "Bridge", type(self.visual_head).__name__]
+        if config.visual_target == "discrete":
+            # The LM head's code rows predict the codes: no visual head (an empty one keeps the attribute).
+            assert config.visual_codebook_size is not None  # VPiTConfig checks it
+            self.visual_head: nn.Module = VisualHead()
+            self.register_buffer("visual_codebook", torch.zeros(config.visual_codebook_size, vision))
+            self._no_split_modules = ["VisionEncoder", "Bridge"]
+        else:
+            self.visual_head = build_visual_head(config.visual_head, hidden, vision, config.visual_head_options)
+            self._no_split_modules = ["VisionEncoder", "Bridge", type(self.visual_head).__name__]
         self.post_init()
         # transformers 5 initialises weights in `from_pretrained` (for missing keys) or `init_weights()`, not in
         # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
@@ -286,7 +299,16 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         Returns the ids of the newly added tokens (empty if the tokenizer already had them and the matrices fit).
         """
         specials = [self.config.image_start_token, self.config.image_end_token, self.config.image_token]
-        tokenizer.add_tokens(specials, special_tokens=True)
+        old_rows = self._add_tokens(tokenizer, specials)
+        start, end, slot = (token_id(tokenizer, token) for token in specials)
+        self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id = start, end, slot
+        return [i for i in (start, end, slot) if i >= old_rows]
+
+    @torch.no_grad()
+    def _add_tokens(self, tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> int:
+        """Add special `tokens` to `tokenizer`, grow the embedding and LM head to it, start each new row at the mean
+        of the old rows; return the old row count."""
+        tokenizer.add_tokens(tokens, special_tokens=True)
         old_rows = full_shape(_weight(self.get_input_embeddings()))[0]
         new_rows = len(tokenizer)
         if new_rows > old_rows:
@@ -300,9 +322,68 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                     if bias is not None:
                         bias[old_rows:] = bias[:old_rows].float().mean().to(bias.dtype)
         self.config.get_text_config().vocab_size = full_shape(_weight(self.get_input_embeddings()))[0]
-        start, end, slot = (token_id(tokenizer, token) for token in specials)
-        self.config.image_start_token_id, self.config.image_end_token_id, self.config.image_token_id = start, end, slot
-        return [i for i in (start, end, slot) if i >= old_rows]
+        return int(old_rows)
+
+    @torch.no_grad()
+    def set_visual_codebook(self, codebook: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Make this model discrete (`visual_target: discrete`): keep `codebook` (C, Dv), add its C code tokens
+        (`<image_code_0>` ...) to `tokenizer` and the embedding / LM head, drop the continuous visual head.
+
+        Returns the code tokens' ids (consecutive). A model that is already discrete takes a new codebook of the
+        same size (the code tokens stay).
+        """
+        size, width = codebook.shape
+        if width != self.vision_tower.hidden_size:
+            raise ValueError(
+                f"the codebook's vectors have {width} features, the encoder's tokens {self.vision_tower.hidden_size}"
+            )
+        config = self.config
+        if config.visual_target == "discrete" and config.visual_codebook_size != size:
+            raise ValueError(
+                f"this model already has {config.visual_codebook_size} code tokens; fit {size} codes on a continuous "
+                "folder instead"
+            )
+        tokens = [VISUAL_CODE_TOKEN.format(i) for i in range(size)]
+        self._add_tokens(tokenizer, tokens)
+        ids = [token_id(tokenizer, token) for token in tokens]
+        if ids != list(range(ids[0], ids[0] + size)):
+            raise ValueError(f"the tokenizer gave the code tokens non-consecutive ids ({ids[:3]} ...)")
+        config.visual_target, config.visual_codebook_size, config.visual_code_token_id = "discrete", size, ids[0]
+        config._check()
+        device = _weight(self.get_input_embeddings()).device
+        self.register_buffer("visual_codebook", codebook.float().to(device))  # replaces a previous codebook
+        self.visual_head = VisualHead()
+        self._no_split_modules = ["VisionEncoder", "Bridge"]
+        return ids
+
+    @property
+    def is_discrete(self) -> bool:
+        """Whether this model predicts codebook codes (`visual_target: discrete`) rather than continuous tokens."""
+        return self.config.visual_target == "discrete"
+
+    def new_token_ids(self) -> list[int]:
+        """The ids of the tokens VPiT added to the LLM's vocabulary: the image tokens, and a discrete model's codes."""
+        ids = set(self.image_token_ids())
+        if self.is_discrete:
+            first, size = self.config.visual_code_token_id, self.config.visual_codebook_size
+            assert first is not None and size is not None  # set with visual_target by set_visual_codebook
+            ids.update(range(first, first + size))
+        return sorted(ids)
+
+    def code_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(.., H) -> (.., C) float: the LM head's logits of the code tokens (the head is called as a module, so
+        that ZeRO-3 / FSDP2 gather its weight; a discrete model only)."""
+        first, size = self.config.visual_code_token_id, self.config.visual_codebook_size
+        if not self.is_discrete or first is None or size is None:
+            raise ValueError("code_logits needs a discrete model (fit a codebook with `vpit codebook fit`)")
+        head = self.get_output_embeddings()
+        assert head is not None
+        return head(hidden_states)[..., first : first + size].float()
+
+    def quantise(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(.., Dv) -> (.., Dv): each token's nearest codebook vector (a discrete model only)."""
+        codebook = self.visual_codebook
+        return codebook[nearest_codes(tokens, codebook)].to(tokens.dtype)
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -316,6 +397,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         visual_tokens: torch.Tensor | None = None,
         visual_tokens_given: torch.Tensor | None = None,
+        quantised_slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with bridge(z) spliced into the image slots.
 
@@ -326,9 +408,12 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 feature cache's), with
             visual_tokens_given: (I,) bool, optional: which rows of `visual_tokens` hold tokens; the others are
                 encoded from `pixel_values`, which then holds exactly those images, in order.
+            quantised_slots: (B, T) bool, a discrete model's: the images with a marked slot are read as their
+                tokens' codebook vectors (what generation feeds back), the others as their encoder tokens.
 
         Returns:
-            inputs_embeds (B, T, H) and the visual tokens z (I, K, Dv) (None when there are no images).
+            inputs_embeds (B, T, H) and the visual tokens z (I, K, Dv) (None when there are no images); z is the
+            encoder's, not quantised.
 
         Raises:
             ValueError: when the number of slots is not I * K.
@@ -360,7 +445,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 "(VPiTProcessor expands each <image> marker into them)"
             )
         if visual_tokens is not None and num_images > 0:
-            bridged = self.bridge(visual_tokens.to(inputs_embeds.dtype))  # (I, K, H)
+            read = visual_tokens
+            if quantised_slots is not None and bool(quantised_slots.any()):
+                rows = quantised_slots[slot_mask].view(num_images, k).any(dim=-1)  # (I,)
+                read = torch.where(rows[:, None, None], self.quantise(visual_tokens), visual_tokens)
+            bridged = self.bridge(read.to(inputs_embeds.dtype))  # (I, K, H)
             inputs_embeds = inputs_embeds.masked_scatter(
                 slot_mask.unsqueeze(-1).expand_as(inputs_embeds), bridged.to(inputs_embeds.dtype)
             )
@@ -379,27 +468,46 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         return response_slot_mask(input_ids, labels, start_id, slot_id)
 
     @property
+    def visual_sampling_options(self) -> tuple[str, ...]:
+        """The sampling settings `predict_visual` takes: a diffusion head's steps, temperature and guidance_scale,
+        a discrete model's temperature; none for a regression head."""
+        if self.is_discrete:
+            return ("temperature",)
+        return ("steps", "temperature", "guidance_scale") if isinstance(self.visual_head, DiffusionHead) else ()
+
+    @property
     def samples_visual_tokens(self) -> bool:
-        """Whether the visual head samples its tokens (`diffusion`) rather than regressing them."""
-        return isinstance(self.visual_head, DiffusionHead)
+        """Whether the visual tokens are sampled (a `diffusion` head, or a discrete model's codes) rather than
+        regressed."""
+        return bool(self.visual_sampling_options)
 
     def predict_visual(self, hidden_states: torch.Tensor, **sampling: Any) -> torch.Tensor:
         """(.., H) -> (.., Dv): the visual head's tokens; normalised when the targets are and the head is trained
         with the cosine (which leaves the norm free) or samples them (diffusion), not when it regresses their values
-        (l2, smooth_l1).
+        (l2, smooth_l1). A discrete model returns the codebook vectors of its codes: the most likely ones, or drawn
+        at `temperature` > 0.
 
         Args:
-            sampling: for a sampling head (`diffusion`): steps, temperature, guidance_scale, generator (None: the
-                head's defaults). A regression head takes none.
+            sampling: `visual_sampling_options` (None: the head's defaults) and the generator. A regression head
+                takes none.
         """
-        if self.samples_visual_tokens:
+        given = sorted(k for k, v in sampling.items() if v is not None and k != "generator")
+        unknown = [k for k in given if k not in self.visual_sampling_options]
+        if unknown:
+            kind = "a discrete model" if self.is_discrete else f"the {self.config.visual_head!r} head"
+            raise ValueError(f"{unknown} do not apply to {kind}, which takes {list(self.visual_sampling_options)}")
+        if self.is_discrete:
+            logits = self.code_logits(hidden_states)  # (.., C)
+            temperature = sampling.get("temperature")
+            if temperature is None or temperature == 0:
+                codes = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(logits.flatten(0, -2) / temperature, dim=-1)  # (M, C)
+                codes = torch.multinomial(probs, 1, generator=sampling.get("generator")).view(logits.shape[:-1])
+            return self.visual_codebook[codes]
+        if isinstance(self.visual_head, DiffusionHead):
             pred = self.visual_head(hidden_states, **{k: v for k, v in sampling.items() if v is not None})
         else:
-            given = sorted(k for k, v in sampling.items() if v is not None and k != "generator")
-            if given:
-                raise ValueError(
-                    f"{given} apply to a sampling visual head ('diffusion'); this one is {self.config.visual_head!r}"
-                )
             pred = self.visual_head(hidden_states)
         normalise = self.config.normalize_visual_tokens and self.config.visual_loss == "cosine"
         return F.normalize(pred, dim=-1) if normalise else pred
@@ -449,7 +557,13 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds, z = self.embed(input_ids, pixel_values, visual_tokens, visual_tokens_given)
+            quantised = None
+            if self.is_discrete and labels is not None:
+                # Teacher forcing reads response images as codebook vectors, as generation feeds its codes back.
+                quantised = (
+                    self.response_slot_mask(input_ids, labels) if visual_target_mask is None else visual_target_mask
+                )
+            inputs_embeds, z = self.embed(input_ids, pixel_values, visual_tokens, visual_tokens_given, quantised)
         packed = attention_mask is None and position_ids is not None and past_key_values is None
         if use_cache is None and (labels is not None or packed):
             # Training needs no KV cache, and transformers builds the block-diagonal mask of packed rows (position
@@ -503,7 +617,13 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             else:
                 targets = z.reshape(-1, z.shape[-1])[visual_target_mask[slot_mask]].detach()  # (M, Dv)
             config = self.config
-            if self.samples_visual_tokens:
+            if self.is_discrete:
+                # SEED / Chameleon / Emu3: cross-entropy of the LM head's code logits against the target's code.
+                logits_c = self.code_logits(conditions)  # (M, C)
+                codes = nearest_codes(targets, self.visual_codebook)  # (M,)
+                v_loss = mean_over_items(F.cross_entropy(logits_c, codes, reduction="none"), num_visual_items_in_batch)
+                predictions = self.visual_codebook[logits_c.argmax(dim=-1)]  # (M, Dv)
+            elif isinstance(self.visual_head, DiffusionHead):
                 # Sampled tokens only when evaluating (they cost `steps` denoiser calls and carry no gradient).
                 predictions = None if self.training else self.predict_visual(conditions)
                 v_loss = mean_over_items(self.visual_head(conditions, targets), num_visual_items_in_batch)

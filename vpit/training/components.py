@@ -90,7 +90,15 @@ def check_launch(accelerator: Accelerator) -> None:
 
 # model. keys that define the architecture (a saved folder's must match) and those that set the losses (a recipe's
 # replace a saved folder's); assembling a new model takes both.
-ARCHITECTURE = ("num_visual_tokens", "pooling", "bridge", "visual_head", "visual_head_options", "initializer_range")
+ARCHITECTURE = (
+    "num_visual_tokens",
+    "pooling",
+    "bridge",
+    "visual_head",
+    "visual_head_options",
+    "visual_target",
+    "initializer_range",
+)
 LOSS_SETTINGS = ("visual_loss", "visual_loss_beta", "visual_loss_weight", "text_loss_weight")
 
 

@@ -87,6 +87,13 @@ class ModelSection(EncoderSection):
             "temperature, guidance_scale); with `pretrained`, must equal the folder's"
         ),
     )
+    visual_target: str | None = field(
+        default=None,
+        metadata=_help(
+            "'continuous' (default) or 'discrete' (codebook codes, SEED / Chameleon / Emu3): a folder that "
+            "`vpit codebook fit` made discrete; with `pretrained`, must equal the folder's"
+        ),
+    )
     visual_loss: str | None = field(
         default=None,
         metadata=_help(
