@@ -33,7 +33,9 @@ def toy_vae_config(image_size: int = TOY_IMAGE_SIZE, downsamplings: int = 2) -> 
         `vpit.toy.backbones.pretrain_toy_vae` for why), 32x32 -> 8x8x4 (the random VAE of `toy_decoder_components`);
     downsamplings 3: 64x64 -> 8x8x4, blocks of 16, 32, 32, 32 channels, 0.31 M parameters.
     No attention in the mid block: a flat object on a white canvas needs no global mixing, and without it the
-    autoencoder merged colours less often in short runs.
+    autoencoder merged colours less often in short runs. One normalisation group: a GroupNorm over groups of two
+    channels normalises each pair of feature maps of a flat object on white by its own statistics, which leaves
+    little of the object's colour; one group keeps the channels' ratios (see `pretrain_toy_vae`).
     """
     if downsamplings not in (2, 3):
         raise ValueError(f"downsamplings must be 2 (16x16 latents at 64 px) or 3 (8x8), got {downsamplings}")
@@ -46,7 +48,7 @@ def toy_vae_config(image_size: int = TOY_IMAGE_SIZE, downsamplings: int = 2) -> 
         "block_out_channels": [16, 32, 32, 32][:blocks],
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 8,
+        "norm_num_groups": 1,
         "sample_size": image_size,
         "mid_block_add_attention": False,
     }
