@@ -11,6 +11,8 @@ The VPiT model of `training_step` (Llama 8x512, vocabulary 32000, frozen CLIP Vi
 - smooth_l1   `model.visual_loss: smooth_l1`
 - z_loss      cosine + `train.z_loss: 1e-4` (the log-partition of the text logits at the labelled positions)
 - diffusion   `model.visual_head: diffusion` (width 1024, depth 3, 4 noise draws per target: MAR's setting)
+- discrete    `model.visual_target: discrete` with 8192 codes (SEED's codebook size): the vocabulary grows by 8192
+              rows, the code CE runs the LM head at the 392 target slots
 
 The figure is the median over rounds of each option's per-round ratio of process CPU time to the cosine's (one
 torch thread; the options interleaved, the order rotating). No goal: a tracked figure, reported beside the toy
@@ -32,9 +34,10 @@ import torch
 from vpit.model.adapters import build_visual_head
 
 from .common import describe_machine, median_ratio, timed_runs, write_json
-from .training_step import build_vpit, count, training_step, vpit_batch
+from .training_step import build_vpit, build_vpit_and_processor, count, training_step, vpit_batch
 
 DIFFUSION = {"width": 1024, "depth": 3, "batch_mul": 4}
+CODES = 8192
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "cosine": {"visual_loss": "cosine"},
     "l2": {"visual_loss": "l2"},
@@ -65,10 +68,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_vpit(Path(tmp))
         diffusion_model = build_vpit(Path(tmp) / "diffusion")
+        discrete_model, processor = build_vpit_and_processor(Path(tmp) / "discrete")
     hidden, vision = model.config.get_text_config().hidden_size, model.vision_tower.hidden_size
     torch.manual_seed(0)
     diffusion_model.visual_head = build_visual_head("diffusion", hidden, vision, DIFFUSION)
     diffusion_model.config.visual_head, diffusion_model.config.visual_head_options = "diffusion", DIFFUSION
+    codebook = torch.nn.functional.normalize(torch.randn(CODES, vision), dim=-1)
+    discrete_model.set_visual_codebook(codebook, processor.tokenizer)
     pixels = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     batch = vpit_batch(model, pixels)
     steps = {
@@ -76,16 +82,22 @@ def main() -> None:
         for name, settings in LOSS_OPTIONS.items()
     }
     steps["diffusion"] = training_step(diffusion_model, batch, diffusion_model.vision_tower)
+    steps["discrete"] = training_step(discrete_model, batch, discrete_model.vision_tower)
     wall, cpu = timed_runs(steps, args.repeats)
     result: dict[str, Any] = {
         "machine": describe_machine(),
         "model": "training_step's VPiT: Llama 8x512 (vocab 32000) + frozen CLIP ViT-B/16 @224, K=196, 4 x 256 tokens",
         "diffusion_head": DIFFUSION,
+        "codebook_size": CODES,
         "head_parameters": {
             "mlp": sum(p.numel() for p in model.visual_head.parameters()),
             "diffusion": sum(p.numel() for p in diffusion_model.visual_head.parameters()),
         },
-        "trainable_parameters": {"mlp": count(model, True), "diffusion": count(diffusion_model, True)},
+        "trainable_parameters": {
+            "mlp": count(model, True),
+            "diffusion": count(diffusion_model, True),
+            "discrete": count(discrete_model, True),
+        },
         "repeats": args.repeats,
         "cpu_seconds_per_step": {name: statistics.median(v) for name, v in cpu.items()},
         "ratio_to_cosine": {name: median_ratio(cpu[name], cpu["cosine"]) for name in steps},

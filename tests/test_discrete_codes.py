@@ -15,6 +15,7 @@ from test_generation import prompts
 
 import vpit
 from vpit.cli import main
+from vpit.hub import build_model_card
 from vpit.inference.generation import generate, generate_no_cache
 from vpit.model.codebook import fit_codebook, nearest_codes
 from vpit.model.losses import IGNORE_INDEX
@@ -178,8 +179,8 @@ def test_codebook_fit_command_makes_a_folder_discrete(tiny_vpit, tmp_path, capsy
     assert [s["reason"] for s in skipped] == ["corrupt_image"]
     loaded = vpit.VPiTForCausalLM.from_pretrained(tmp_path / "discrete")
     assert loaded.is_discrete and loaded.visual_codebook.shape == (C, model.vision_tower.hidden_size)
-    # the codebook quantises the card's tokens as the report says: the fit's own tokens, read back
-    assert (tmp_path / "model" / "config.json").exists()
+    card = str(build_model_card(tmp_path / "discrete", "me/discrete"))
+    assert f"none: the LM head's {C} code tokens" in card and "cross-entropy over the codes" in card
     assert json.loads((tmp_path / "model" / "config.json").read_text())["visual_target"] == "continuous"
     with pytest.raises(ValueError, match="cannot fit 64 codes"):
         main([*args, "--size", "64", "--out", str(tmp_path / "too_many")])

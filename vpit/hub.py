@@ -157,6 +157,7 @@ def build_model_card(
     datasets, licence) read from its config.json, an architecture table, a usage snippet, and optionally the
     training config and final metrics."""
     config = json.loads((Path(folder) / "config.json").read_text())
+    discrete = config.get("visual_target", "continuous") == "discrete"
     vision = config.get("vision_config", {})
     base_models = [m for m in (_hub_id(config.get("text_model_name_or_path")), _vision_hub_id(vision)) if m]
     card_data = ModelCardData(
@@ -187,8 +188,10 @@ def build_model_card(
         pooling=config.get("pooling"),
         normalize=config.get("normalize_visual_tokens"),
         bridge=config.get("bridge"),
-        visual_head=config.get("visual_head"),
-        visual_loss=config.get("visual_loss", "cosine"),
+        visual_head=config.get("visual_head")
+        if not discrete
+        else f"none: the LM head's {config.get('visual_codebook_size')} code tokens (a k-means codebook)",
+        visual_loss=config.get("visual_loss", "cosine") if not discrete else "cross-entropy over the codes",
         visual_loss_weight=config.get("visual_loss_weight"),
         text_loss_weight=config.get("text_loss_weight", 1.0),
         extra_rows=extra_rows,
