@@ -160,6 +160,13 @@ def test_a_few_steps_learn_the_codes_and_generation_draws_them(tiny_vpit, tmp_pa
     assert reloaded.tokenizer.convert_tokens_to_ids("<image_code_7>") == ids[-1]
     torch.testing.assert_close(generate(loaded, **prompt, max_new_tokens=K + 1).images[0][0], target)
 
+    # The command line passes the code temperature through, and refuses a diffusion head's settings.
+    argv = ["generate", "--model", str(tmp_path), "--prompt", GENERATION[0]["content"], "--start-with-image",
+            "--max-new-tokens", str(K + 2), "--out", str(tmp_path / "cli"), "--seed", "0"]  # fmt: skip
+    assert main([*argv, "--visual-temperature", "50"]) == 0
+    with pytest.raises(ValueError, match="do not apply to a discrete model"):
+        main([*argv, "--visual-steps", "3"])
+
 
 def test_codebook_fit_command_makes_a_folder_discrete(tiny_vpit, tmp_path, capsys):
     model, processor = tiny_vpit

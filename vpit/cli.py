@@ -149,6 +149,9 @@ def _answer_options(args: argparse.Namespace) -> AnswerOptions:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "max_images_per_row": args.max_images,
+        "visual_steps": args.visual_steps,
+        "visual_temperature": args.visual_temperature,
+        "visual_guidance_scale": args.visual_guidance,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "seed": args.seed,
@@ -204,6 +207,21 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --sample)")
+    parser.add_argument(
+        "--visual-steps", type=int, default=None, help="a diffusion visual head's sampling steps (default: its own)"
+    )
+    parser.add_argument(
+        "--visual-temperature",
+        type=float,
+        default=None,
+        help="a diffusion head's noise scale, or a discrete model's code sampling temperature (default: greedy codes)",
+    )
+    parser.add_argument(
+        "--visual-guidance",
+        type=float,
+        default=None,
+        help="a diffusion visual head's guidance scale (default: its own)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="decoder denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="decoder classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=None, help="seeds sampling and the decoder's noise")
