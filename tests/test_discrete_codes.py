@@ -144,6 +144,8 @@ def test_a_few_steps_learn_the_codes_and_generation_draws_them(tiny_vpit, tmp_pa
         return generate(model, **prompt, max_new_tokens=K + 1, visual_temperature=50.0, generator=g).images[0][0]
 
     assert torch.equal(hot(0), hot(0)) and not torch.equal(hot(0), target)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        generate(model, **prompt, max_new_tokens=K + 1, visual_temperature=-1.0)
     with pytest.raises(ValueError, match=r"\['visual_steps'\] do not apply to a discrete model"):
         generate(model, **prompt, max_new_tokens=K + 1, visual_steps=4)
 

@@ -499,6 +499,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         if self.is_discrete:
             logits = self.code_logits(hidden_states)  # (.., C)
             temperature = sampling.get("temperature")
+            if temperature is not None and not temperature >= 0:
+                raise ValueError(f"a discrete model's visual temperature must be >= 0 (0: greedy), got {temperature}")
             if temperature is None or temperature == 0:
                 codes = logits.argmax(dim=-1)
             else:
