@@ -21,7 +21,7 @@ import torch
 
 from ..model.codebook import fit_codebook
 from .cards import DataCard
-from .features import _images
+from .features import card_images
 from .records import RecordError, load_record_image
 
 REPORT_FILE, SKIPPED_FILE = "codebook.json", "skipped.jsonl"
@@ -81,7 +81,7 @@ def fit_card_codebook(
             batch.clear()
 
     with tqdm(desc=f"{card.name}: encoding images", unit="img", total=max_images) as bar:
-        for position, (source, root) in _images(card, use_sample, report):
+        for position, (source, root) in card_images(card, use_sample, report):
             if images >= max_images:
                 break
             try:

@@ -206,7 +206,7 @@ def cache_features(
         with (folder / SKIPPED_FILE).open("a") as out:
             out.write(json.dumps(line) + "\n")
 
-    for position, (source, root) in _images(card, use_sample, report):
+    for position, (source, root) in card_images(card, use_sample, report):
         found = image_key(source, root)
         if found is None:  # missing (reported with its reason), or in memory with no key (training encodes it)
             try:
@@ -289,7 +289,7 @@ def cache_card_features(
     return folder, counts
 
 
-def _images(
+def card_images(
     card: DataCard, use_sample: bool, report: Callable[[int, RecordError], None]
 ) -> Iterator[tuple[int, tuple[ImageSource, Path | None]]]:
     """(record index, (image source, image root)) of every image of every record; bad records are reported."""
@@ -309,6 +309,7 @@ __all__ = [
     "FeatureCache",
     "cache_card_features",
     "cache_features",
+    "card_images",
     "encoder_fingerprint",
     "feature_folder",
     "image_key",
