@@ -562,9 +562,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             quantised = None
             if self.is_discrete and labels is not None:
                 # Teacher forcing reads response images as codebook vectors, as generation feeds its codes back.
-                quantised = (
-                    self.response_slot_mask(input_ids, labels) if visual_target_mask is None else visual_target_mask
-                )
+                if visual_target_mask is None:
+                    visual_target_mask = self.response_slot_mask(input_ids, labels)  # also the loss's targets
+                quantised = visual_target_mask
             inputs_embeds, z = self.embed(input_ids, pixel_values, visual_tokens, visual_tokens_given, quantised)
         packed = attention_mask is None and position_ids is not None and past_key_values is None
         if use_cache is None and (labels is not None or packed):
