@@ -21,7 +21,7 @@ import torch
 
 from ..model.codebook import fit_codebook
 from .cards import DataCard
-from .features import card_images
+from .features import append_skipped, card_images
 from .records import RecordError, load_record_image
 
 REPORT_FILE, SKIPPED_FILE = "codebook.json", "skipped.jsonl"
@@ -66,9 +66,7 @@ def fit_card_codebook(
     def report(index: int, err: RecordError) -> None:
         nonlocal skipped
         skipped += 1
-        line = {"card": card.name, "index": index, "reason": err.reason, "detail": err.message}
-        with (folder / SKIPPED_FILE).open("a") as stream:
-            stream.write(json.dumps(line) + "\n")
+        append_skipped(folder / SKIPPED_FILE, card.name, index, err)
 
     tokens: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []

@@ -138,6 +138,13 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def append_skipped(path: Path, card_name: str, index: int, err: RecordError) -> None:
+    """Append one skipped record (card, index in the card, reason, detail) to the JSONL report at `path`."""
+    line = {"card": card_name, "index": index, "reason": err.reason, "detail": err.message}
+    with path.open("a") as out:
+        out.write(json.dumps(line) + "\n")
+
+
 def cache_features(
     card: DataCard,
     encode: Callable[[torch.Tensor], torch.Tensor],
@@ -202,9 +209,7 @@ def cache_features(
 
     def report(index_in_card: int, err: RecordError) -> None:
         counts["skipped"] += 1
-        line = {"card": card.name, "index": index_in_card, "reason": err.reason, "detail": err.message}
-        with (folder / SKIPPED_FILE).open("a") as out:
-            out.write(json.dumps(line) + "\n")
+        append_skipped(folder / SKIPPED_FILE, card.name, index_in_card, err)
 
     for position, (source, root) in card_images(card, use_sample, report):
         found = image_key(source, root)
@@ -307,6 +312,7 @@ def card_images(
 
 __all__ = [
     "FeatureCache",
+    "append_skipped",
     "cache_card_features",
     "cache_features",
     "card_images",
