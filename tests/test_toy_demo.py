@@ -268,7 +268,7 @@ def test_the_vpit_stage_recipe_is_checked_before_anything_runs(tmp_path):
     from vpit.toy.demo import DemoPlan, run_demo
 
     plan = DemoPlan.fast()
-    assert plan.vpit_recipe == "vpit"  # MetaMorph's cosine unless asked
+    assert plan.vpit_recipe == "vpit_smooth_l1"  # the demo's default (the library's stays MetaMorph's cosine)
     plan.vpit_recipe = "vpit_huber"
     with pytest.raises(SystemExit, match=r"no recipe .*vpit_huber\.yaml for the VPiT stage"):
         run_demo(tmp_path / "out", tmp_path / "work", plan)
