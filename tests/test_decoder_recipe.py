@@ -128,3 +128,33 @@ def test_decoder_trains_on_the_vpit_models_own_predictions(mode, limit, tiny_vpi
         trainable(None, torch.zeros(3, 3, 8, 8), torch.Generator().manual_seed(0), predicted, has)
         used = [bool((seen[-1][i] == 7.0).all()) for i in range(3)]
         assert used == expected
+
+
+def test_predictions_are_generated_as_each_record_answers():
+    """A record whose answer is the bare image is generated with the answer opening on the image (as
+    `start_with_image` and `/draw` ask); a record with a lead-in lets the model write it first."""
+    from types import SimpleNamespace
+
+    from vpit.data.records import Sample
+    from vpit.training.predictions import _generated
+
+    calls = []
+
+    def pipe(prompts, start_with_image, **_):
+        calls.append((prompts, start_with_image))
+        return [SimpleNamespace(visual_tokens=[torch.full((2, 3), float(len(p)))]) for p in prompts]
+
+    fake = type("Pipe", (), {"__call__": staticmethod(pipe)})()
+    fake.model = SimpleNamespace(config=SimpleNamespace(num_visual_tokens=2))
+    samples = [
+        Sample(
+            id=str(i),
+            messages=[{"role": "user", "content": "x" * (i + 1)}, {"role": "assistant", "content": answer}],
+            images=["a.png"],
+            task="generation",
+        )
+        for i, answer in enumerate(["Here is an image based on your request: <image>", "<image>", " <image>"])
+    ]
+    tokens = _generated(fake, samples)
+    assert calls == [(["x"], False), (["xx", "xxx"], True)]
+    assert [float(t[0, 0]) for t in tokens] == [1.0, 2.0, 3.0]  # each back in its record's place

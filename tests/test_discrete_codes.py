@@ -87,7 +87,7 @@ def _conditions(model, batch):
     """The hidden states that predict the response image's slots (next-token shift), by hand."""
     _, _, slot = model.image_token_ids()
     with torch.no_grad():
-        embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"], quantised_slots=batch["input_ids"] == slot)
+        embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"], response_slots=batch["input_ids"] == slot)
         _, hidden = model.run_language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
     slots = (batch["input_ids"] == slot)[:, 1:]
     return hidden[:, :-1][slots]
@@ -105,7 +105,7 @@ def test_teacher_forcing_reads_response_images_as_their_codes(tiny_vpit):
     response = model.response_slot_mask(ids, both["labels"])
     assert int(response.sum()) == K and int((ids == slot).sum()) == 2 * K
     with torch.no_grad():
-        embeds, z = model.embed(ids, pixels, quantised_slots=response)
+        embeds, z = model.embed(ids, pixels, response_slots=response)
         read = embeds[ids == slot].view(2, K, -1)
         torch.testing.assert_close(read[0], model.bridge(z[0]))  # the prompt image: its encoder tokens
         torch.testing.assert_close(read[1], model.bridge(model.quantise(z[1])))  # the response image: its codes

@@ -163,6 +163,19 @@ def test_forced_image_is_drawn_by_the_decoder(pipe):
     assert first.sequences[first.prompt_length - 1] == start
     assert first.sequences[first.prompt_length :][: K + 1].tolist() == [slot] * K + [end]
     assert first.text.startswith("<image>") and first.text.count("<image>") == 1 and len(first.images) == 1
+    # ... and the prompt is what training shows before an answer that is an image: the template's separator after
+    # "ASSISTANT:" included (Llama's tokenizer makes it a token of its own), not <image_start> glued to the colon
+    trained = pipe.processor.apply_chat_template(
+        [{"role": "user", "content": "Draw a red circle."}, {"role": "assistant", "content": "<image>"}],
+        images=[Image.new("RGB", (32, 32))],
+        tokenize=True,
+    )["input_ids"][0]
+    opened = trained[: int((trained == start).nonzero()[0]) + 1]
+    assert first.sequences[: first.prompt_length].tolist() == opened.tolist()
+    glued = pipe.processor.apply_chat_template(
+        [{"role": "user", "content": "Draw a red circle."}], add_generation_prompt=True
+    )
+    assert len(pipe.processor.tokenizer(glued + "<image_start>", add_special_tokens=False)["input_ids"]) < len(opened)
 
 
 def test_without_a_decoder_answers_keep_the_visual_tokens(pipe):
@@ -333,7 +346,7 @@ def test_cli_chat_keeps_history_saves_images_and_exits(folders, pipe, spy, tmp_p
     assert expand("USER: <image> What colour is it?")[0] in prompt(0)
     for turn in (1, 2):  # each prompt holds the previous answer, with its image spans
         assert expand(f"ASSISTANT: {answer(turn - 1)}</s>")[0] in prompt(turn)
-    assert prompt(1).endswith("USER: a red circle\nASSISTANT:<image_start>")  # /draw opens an image
+    assert prompt(1).endswith("USER: a red circle\nASSISTANT: <image_start>")  # /draw opens an image, as training does
     assert torch.equal(spy.calls[2]["visual_tokens"][1], spy.calls[1]["out"].images[0][0])
     assert prompt(3) == "<s>USER: Hello.\nASSISTANT:" and spy.calls[3]["visual_tokens"] is None  # after /reset
 

@@ -8,7 +8,7 @@ State machine, per row (the token in brackets is what the step records in `seque
 
     TEXT    sample a token from the LM head (transformers' logits processors and warpers)     [token]
             -> VISUAL with K steps to go if it is <image_start>; -> DONE if it is an eos token
-    VISUAL  ẑ = model.predict_visual(h_last); the next input is model.bridge(ẑ)              [image_token_id]
+    VISUAL  ẑ = model.predict_visual(h_last); the next input is model.bridge_tokens(ẑ)              [image_token_id]
             -> END after the K-th visual step
     END     the next input is <image_end>, forced, never sampled                            [image_end_token_id]
             -> TEXT
@@ -347,6 +347,7 @@ def generate(
     pixel_values: torch.Tensor | None = None,
     *,
     visual_tokens: torch.Tensor | None = None,
+    visual_tokens_given: torch.Tensor | None = None,
     generation_config: GenerationConfig | None = None,
     max_new_tokens: int | None = None,
     do_sample: bool | None = None,
@@ -374,7 +375,10 @@ def generate(
             slots per prompt image; a prompt may end with `<image_start>` to ask for an image straight away.
         attention_mask: (B, T), 0 on the left padding; all ones when omitted.
         pixel_values: (I, 3, S, S) the prompt images in slot order, row-major; or
-        visual_tokens: (I, K, Dv) already encoded prompt images (e.g. a generated image fed back for an edit).
+        visual_tokens: (I, K, Dv) already encoded prompt images (e.g. a generated image fed back for an edit);
+            with `visual_tokens_given` (I,) bool, only the rows it marks, the others encoded from `pixel_values`
+            (which then holds exactly those images). A resampling bridge reads the images given as pixels whole and
+            those given as tokens token-wise.
         generation_config: a `GenerationConfig`; the explicit arguments below override its fields.
         max_new_tokens: steps to run at most (slots and boundary tokens count); default 256.
         do_sample: sample (with temperature / top_k / top_p) instead of greedy decoding; default False.
@@ -443,7 +447,10 @@ def generate(
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)  # (E,)
 
     inputs_embeds, _ = model.embed(
-        cast(torch.LongTensor, input_ids), pixel_values=pixel_values, visual_tokens=visual_tokens
+        cast(torch.LongTensor, input_ids),
+        pixel_values=pixel_values,
+        visual_tokens=visual_tokens,
+        visual_tokens_given=visual_tokens_given,
     )  # (B, T, H)
     image_mask = ImageTokenMask(slot_id, start_id, settings.max_images_per_row, _code_ids(model))
     processors = _processors(settings, image_mask, logits_processor, (attention_mask == 0).sum(-1))
@@ -475,7 +482,7 @@ def generate(
             # Call every module the other processes call (a one-position forward, the head, the bridge), record
             # nothing, until all of them are done.
             _, idle = model.run_language_model(inputs_embeds=step_embeds[:, -1:], use_cache=False, **llm_kwargs)
-            model.bridge(model.predict_visual(idle[:, -1], **visual_kwargs).to(step_embeds.dtype))
+            model.bridge_tokens(model.predict_visual(idle[:, -1], **visual_kwargs).to(step_embeds.dtype))
             if _all_done(True, device):
                 break
             continue
@@ -503,7 +510,7 @@ def generate(
         next_embeds = embed_tokens(tokens)  # (B, H)
         if bool(visual.any()) or synced_gpus:  # synced: the head and bridge run on every process at every step
             z_hat = model.predict_visual(h_last, **visual_kwargs)  # (B, Dv)
-            bridged = model.bridge(z_hat.to(next_embeds.dtype)).to(next_embeds.dtype)  # (B, H)
+            bridged = model.bridge_tokens(z_hat.to(next_embeds.dtype)).to(next_embeds.dtype)  # (B, H)
             next_embeds = torch.where(visual[:, None], bridged, next_embeds)  # (B, H)
             if bool(visual.any()):
                 predicted.append((step, z_hat))
@@ -568,6 +575,7 @@ def generate_no_cache(
     pixel_values: torch.Tensor | None = None,
     *,
     visual_tokens: torch.Tensor | None = None,
+    visual_tokens_given: torch.Tensor | None = None,
     generation_config: GenerationConfig | None = None,
     max_new_tokens: int | None = None,
     do_sample: bool | None = None,
@@ -610,11 +618,15 @@ def generate_no_cache(
     input_ids, attention_mask, _ = _check_prompt(model, input_ids, attention_mask)
     _, _, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens
-    if pixel_values is not None:
-        visual_tokens = model.encode_images(pixel_values)  # (I, K, Dv)
-    model.embed(
-        cast(torch.LongTensor, input_ids), visual_tokens=visual_tokens
-    )  # only for its slot-count check and error message
+    # The slot-count check and its error message; and a resampling model's prompt embeddings, whose prompt images
+    # the resampler reads whole (the re-embedded prefix below bridges the images token-wise, then takes these).
+    prompt_embeds, encoded = model.embed(
+        cast(torch.LongTensor, input_ids),
+        pixel_values=pixel_values,
+        visual_tokens=visual_tokens,
+        visual_tokens_given=visual_tokens_given,
+    )
+    visual_tokens = encoded
     flat = None if visual_tokens is None else visual_tokens.reshape(-1, visual_tokens.shape[-1])  # (I * K, Dv)
 
     rows: list[list[int]] = []
@@ -622,12 +634,13 @@ def generate_no_cache(
     partial: list[torch.Tensor | None] = []
     finished: list[bool] = []
     offset = 0
-    for ids, mask in zip(input_ids, attention_mask, strict=True):
+    for b, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
         prompt = ids[mask == 1][None]  # (1, T_b)
         num_slots = int((prompt == slot_id).sum())
         prompt_z = [] if flat is None else list(flat[offset : offset + num_slots].unbind(0))
         offset += num_slots
-        new, z_new, stopped = _reference_row(model, prompt, prompt_z, settings, logits_processor, generator)
+        resampled = prompt_embeds[b][mask == 1][None] if model.resamples else None  # (1, T_b, H)
+        new, z_new, stopped = _reference_row(model, prompt, prompt_z, settings, logits_processor, generator, resampled)
         rows.append(new)
         finished.append(stopped)
         whole = len(z_new) // k * k
@@ -658,9 +671,11 @@ def _reference_row(
     settings: _Settings,
     logits_processor: Sequence[LogitsProcessor] | None,
     generator: torch.Generator | None,
+    prompt_embeds: torch.Tensor | None = None,
 ) -> tuple[list[int], list[torch.Tensor], bool]:
     """One row: (1, T) prompt ids and its K-per-image visual tokens (Dv,) each -> new token ids, generated ẑ
-    (Dv,) each, and whether it stopped at eos."""
+    (Dv,) each, and whether it stopped at eos. `prompt_embeds` (1, T, H), a resampling model's: the prompt's
+    embeddings as `embed` made them, used for the first T positions."""
     start_id, end_id, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens
     embed_tokens = model.get_input_embeddings()
@@ -680,7 +695,9 @@ def _reference_row(
         embeds = embed_tokens(ids)  # (1, T', H)
         slots = ids[0] == slot_id  # (T',)
         if z:
-            embeds[0, slots] = model.bridge(torch.stack(z).to(embeds.dtype)).to(embeds.dtype)  # (n, H)
+            embeds[0, slots] = model.bridge_tokens(torch.stack(z).to(embeds.dtype)).to(embeds.dtype)  # (n, H)
+        if prompt_embeds is not None:
+            embeds[:, : prompt_embeds.shape[1]] = prompt_embeds.to(embeds.dtype)
         out = model.language_model(inputs_embeds=embeds, use_cache=False, output_hidden_states=True, return_dict=True)
         h_last = out.hidden_states[-1][:, -1]  # (1, H)
         if visual_left > 0:

@@ -80,7 +80,8 @@ class AnswerOptions(TypedDict, total=False):
         history: the `Conversation` the prompt continues (single prompts only): `out.conversation` of an answer.
         max_new_tokens: tokens to generate at most (K slots and two boundary tokens per image count); 256.
         do_sample, temperature, top_p, top_k: sampling (default greedy), as in `vpit.inference.generation.generate`.
-        start_with_image: end the prompt with `<image_start>`, so that the answer starts with a generated image.
+        start_with_image: the answer starts with a generated image: the prompt is rendered as an answer that opens
+            with `<image_start>` (as training renders an answer that is an image), and the image follows.
         max_images_per_row: images an answer may start at most (None: no limit).
         logits_processor: extra transformers `LogitsProcessor`s, passed to `generate`.
         visual_steps, visual_temperature, visual_guidance_scale: how a sampling visual head (`diffusion`) samples
@@ -293,20 +294,21 @@ class VPiTPipeline:
         if history is not None and len(prompts) > 1:
             raise ValueError("history= continues one conversation; pass a single prompt with it, not a batch")
         conversations = self._conversations(prompts, images, history or Conversation())
-        texts = [self.processor.apply_chat_template(c.messages, add_generation_prompt=True) for c in conversations]
-        if start_with_image:
-            texts = [t + self.processor.image_start_token for t in texts]
+        texts = [self._prompt_text(c, start_with_image) for c in conversations]
         expanded = [self.processor.expand_image_markers(t)[0] for t in texts]
         encoding = self.processor.tokenizer(
             expanded, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         )
         all_images = [image for c in conversations for image in c.images]
+        visual_tokens, visual_tokens_given, pixel_values = self._visual_inputs(all_images)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         out = generate(
             self.model,
             encoding["input_ids"].to(self.device),
             encoding["attention_mask"].to(self.device),
-            visual_tokens=self._visual_tokens(all_images),
+            pixel_values,
+            visual_tokens=visual_tokens,
+            visual_tokens_given=visual_tokens_given,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -322,6 +324,16 @@ class VPiTPipeline:
         )
         pixels = self._decode_images(out, num_inference_steps, guidance_scale, seed)
         return self._outputs(out, conversations, pixels, encoding["input_ids"].shape[1])
+
+    def _prompt_text(self, conversation: Conversation, start_with_image: bool) -> str:
+        """The chat template's prompt; with `start_with_image`, rendered as an answer that begins with an image and
+        continues from its `<image_start>`, so the model sees exactly what training showed it before an image that
+        opens an answer (the template's own separator included, e.g. the space after "ASSISTANT:"), not
+        `<image_start>` glued to the generation prompt."""
+        if not start_with_image:
+            return str(self.processor.apply_chat_template(conversation.messages, add_generation_prompt=True))
+        opened = [*conversation.messages, {"role": "assistant", "content": self.processor.image_start_token}]
+        return str(self.processor.apply_chat_template(opened, continue_final_message=True))
 
     def _conversations(
         self, prompts: list[str | list[Message]], images: list[ImageSource], history: Conversation
@@ -365,18 +377,25 @@ class VPiTPipeline:
                 )
         return conversations
 
-    def _visual_tokens(self, images: list[ConversationImage]) -> torch.Tensor | None:
-        """Images in marker order -> (I, K, Dv): given images through the vision tower (in one batch), generated
-        ones as their own predicted tokens."""
+    def _visual_inputs(
+        self, images: list[ConversationImage]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Images in marker order -> `generate`'s visual_tokens (I, K, Dv): given images through the vision tower (in
+        one batch), generated ones as their own predicted tokens. A resampling model gets the given images' pixels
+        instead, since its bridge reads their patch tokens. Returns (visual_tokens, visual_tokens_given, pixel_values)."""
         if not images:
-            return None
+            return None, None, None
         k, dv = self.model.config.num_visual_tokens, self.model.vision_tower.hidden_size
         given = [image for image in images if not isinstance(image, torch.Tensor)]
         encoded: list[torch.Tensor] = []
+        pixels = None
         if given:
             pixels = self.processor.preprocess_images(given).to(self.device)  # (I', 3, S, S)
-            with torch.inference_mode():
-                encoded = list(self.model.encode_images(pixels).unbind(0))  # I' x (K, Dv)
+            if self.model.resamples:
+                encoded = [pixels.new_zeros(k, dv)] * len(given)  # placeholders: embed encodes these rows
+            else:
+                with torch.inference_mode():
+                    encoded = list(self.model.encode_images(pixels).unbind(0))  # I' x (K, Dv)
         tokens = []
         for image in images:
             if isinstance(image, torch.Tensor):
@@ -387,7 +406,11 @@ class VPiTPipeline:
                 tokens.append(image.to(self.device))
             else:
                 tokens.append(encoded.pop(0))
-        return torch.stack([t.to(tokens[0].dtype) for t in tokens])  # (I, K, Dv)
+        stacked = torch.stack([t.to(tokens[0].dtype) for t in tokens])  # (I, K, Dv)
+        if not self.model.resamples or pixels is None:
+            return stacked, None, None
+        tokens_given = torch.tensor([isinstance(image, torch.Tensor) for image in images], device=self.device)
+        return stacked, tokens_given, pixels
 
     def _decode_images(
         self, out: VPiTGenerationOutput, steps: int, guidance_scale: float, seed: int | None

@@ -1,6 +1,7 @@
 """Adapters between the vision encoder and the LLM, behind one small registry each.
 
-    bridge       encoder tokens (.., Dv) -> LLM input embeddings (.., H)
+    bridge       encoder tokens (.., Dv) -> LLM input embeddings (.., H), token-wise; or a resampler of the patch tokens
+                 (`vpit.model.resamplers`: Perceiver, Q-Formers) for the prompt's images
     visual head  LLM hidden states (.., H) -> predicted visual tokens (.., Dv); `diffusion` samples them
                  (`vpit.model.diffusion_head`), the others regress them
 
@@ -17,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .diffusion_head import DiffusionHead
+from .resamplers import RESAMPLERS
 
 _MLP_BRIDGE = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -71,12 +73,13 @@ SAMPLING_HEADS = ("diffusion",)  # heads that sample their tokens rather than re
 
 
 def check_bridge(name: str) -> None:
-    """Raise an actionable ValueError unless `name` is a registered bridge or `mlpNx_gelu` with N >= 1."""
+    """Raise an actionable ValueError unless `name` is a registered bridge, `mlpNx_gelu` with N >= 1 or one of the
+    resamplers (`vpit.model.resamplers.RESAMPLERS`)."""
     match = _MLP_BRIDGE.match(name)
-    if name not in BRIDGES and (match is None or int(match.group(1)) < 1):
+    if name not in BRIDGES and name not in RESAMPLERS and (match is None or int(match.group(1)) < 1):
         raise ValueError(
-            f"bridge must be {' or '.join(map(repr, sorted(BRIDGES)))} or 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu'), "
-            f"got {name!r}"
+            f"bridge must be {' or '.join(map(repr, sorted(BRIDGES)))}, 'mlpNx_gelu' with N >= 1 (e.g. 'mlp2x_gelu') "
+            f"or a resampler ({', '.join(map(repr, RESAMPLERS))}), got {name!r}"
         )
 
 
@@ -87,8 +90,10 @@ def check_visual_head(name: str) -> None:
 
 
 def build_bridge(name: str, vision_size: int, hidden_size: int) -> nn.Module:
-    """The bridge `name`: (.., Dv) -> (.., H)."""
+    """The token-wise bridge `name`: (.., Dv) -> (.., H) (a resampler is built by `build_resampler`)."""
     check_bridge(name)
+    if name in RESAMPLERS:
+        raise ValueError(f"{name!r} is a resampler, not a token-wise bridge: build it with build_resampler")
     if name in BRIDGES:
         return BRIDGES[name](vision_size, hidden_size)
     match = _MLP_BRIDGE.match(name)

@@ -18,6 +18,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .adapters import SAMPLING_HEADS, check_bridge, check_visual_head
 from .losses import VISUAL_LOSSES
+from .resamplers import RESAMPLERS, resampler_options
 
 VISION_BACKENDS = ("open_clip", "hf")
 VISUAL_TARGETS = ("continuous", "discrete")
@@ -125,7 +126,25 @@ class VPiTConfig(PreTrainedConfig):
     )
     bridge: str = field(
         default="mlp2x_gelu",
-        metadata={"help": "Encoder -> LLM adapter: 'linear' or 'mlpNx_gelu' (N Linear layers with GELU between)."},
+        metadata={
+            "help": "Encoder -> LLM adapter of the prompt's images: token-wise 'linear' or 'mlpNx_gelu' (N Linear "
+            "layers with GELU between) on the K pooled tokens, or a resampler of the patch tokens: 'perceiver' "
+            "(Flamingo), 'qformer' (BLIP-2), 'qformer_instruct' (InstructBLIP), 'causal_query' (Emu, SEED)."
+        },
+    )
+    bridge_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "A resampler's sizes (vpit.model.resamplers.RESAMPLER_DEFAULTS): width, depth, heads, and "
+            "cross_attention_every for the Q-Formers."
+        },
+    )
+    token_bridge: str = field(
+        default="mlp2x_gelu",
+        metadata={
+            "help": "With a resampling bridge: the token-wise bridge ('linear', 'mlpNx_gelu') through which response "
+            "images (teacher-forced, fed back one token at a time) and images given only as tokens enter."
+        },
     )
     visual_head: str = field(
         default="mlp",
@@ -212,6 +231,15 @@ class VPiTConfig(PreTrainedConfig):
             )
         _one_of("pooling", self.pooling, POOLING_MODES)
         check_bridge(self.bridge)
+        if self.token_bridge in RESAMPLERS:
+            raise ValueError(
+                f"token_bridge must be token-wise ('linear' or 'mlpNx_gelu'), got the resampler {self.token_bridge!r}"
+            )
+        check_bridge(self.token_bridge)
+        if self.bridge_options and self.bridge not in RESAMPLERS:
+            raise ValueError(f"bridge_options apply to the resamplers {list(RESAMPLERS)}; {self.bridge!r} takes none")
+        if self.bridge in RESAMPLERS:
+            resampler_options(self.bridge, self.bridge_options)  # unknown keys, bad sizes fail here
         check_visual_head(self.visual_head)
         if self.visual_head in SAMPLING_HEADS and self.visual_loss != "cosine":
             raise ValueError(

@@ -43,6 +43,7 @@ from .losses import (
     visual_loss,
 )
 from .processing_vpit import token_id
+from .resamplers import RESAMPLERS, Resampler, build_resampler
 from .vision import VisionEncoder
 
 if TYPE_CHECKING:
@@ -121,6 +122,9 @@ def response_slot_mask(
     return (input_ids == image_token_id) & in_response
 
 
+MAX_INSTRUCTION_TOKENS = 128  # a qformer_instruct bridge's instruction, as InstructBLIP's max_txt_len
+
+
 class VPiTPreTrainedModel(PreTrainedModel):
     config: VPiTConfig
     config_class = VPiTConfig
@@ -143,7 +147,7 @@ class VPiTPreTrainedModel(PreTrainedModel):
         # The LLM (a PreTrainedModel) and an HF vision tower are initialised by their own `_init_weights`; an
         # open_clip tower initialises itself when built. Only the Linear layers of the bridge and visual head are ours:
         # N(0, initializer_range) weights and zero biases, as transformers initialises its own projectors.
-        adapters = [getattr(self, "bridge", None), getattr(self, "visual_head", None)]
+        adapters = [getattr(self, name, None) for name in ("bridge", "token_bridge", "visual_head")]
         ours = {id(m) for part in adapters if part is not None for m in part.modules()}
         if isinstance(module, nn.Linear) and id(module) in ours:
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
@@ -191,20 +195,30 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             tower=vision_tower,
         )
         hidden, vision = config.get_text_config().hidden_size, self.vision_tower.hidden_size
-        self.bridge = build_bridge(config.bridge, vision, hidden)
+        # `bridge` reads the prompt's images; with a resampler, response images (and images given only as tokens)
+        # enter through `token_bridge`, token-wise, which is the same module as `bridge` otherwise.
+        self.token_bridge: nn.Module | None = None
+        if config.bridge in RESAMPLERS:
+            self.bridge: nn.Module = build_resampler(
+                config.bridge, vision, hidden, config.num_visual_tokens, config.bridge_options
+            )
+            self.token_bridge = build_bridge(config.token_bridge, vision, hidden)
+        else:
+            self.bridge = build_bridge(config.bridge, vision, hidden)
+        split = ["VisionEncoder", "Bridge", *([type(self.bridge).__name__] if self.token_bridge is not None else [])]
         if config.visual_target == "discrete":
             # The LM head's code rows predict the codes: no visual head (an empty one keeps the attribute).
             assert config.visual_codebook_size is not None  # VPiTConfig checks it
             self.visual_head: nn.Module = VisualHead()
             self.register_buffer("visual_codebook", torch.zeros(config.visual_codebook_size, vision))
-            self._no_split_modules = ["VisionEncoder", "Bridge"]
+            self._no_split_modules = split
         else:
             self.visual_head = build_visual_head(config.visual_head, hidden, vision, config.visual_head_options)
-            self._no_split_modules = ["VisionEncoder", "Bridge", type(self.visual_head).__name__]
+            self._no_split_modules = [*split, type(self.visual_head).__name__]
         self.post_init()
         # transformers 5 initialises weights in `from_pretrained` (for missing keys) or `init_weights()`, not in
         # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
-        for part in (self.bridge, self.visual_head):
+        for part in self.adapters():
             part.apply(self._init_weights)
         # Liger's fused linear cross-entropy for the training loss: None = when it can run (`uses_fused_cross_entropy`),
         # False = never, True = required. A run setting, not architecture: not in the config.
@@ -271,6 +285,24 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.language_model.set_output_embeddings(new_embeddings)
+
+    def adapters(self) -> list[nn.Module]:
+        """The trained modules around the LLM: the bridge, the token-wise bridge of a resampling model, the head."""
+        return [m for m in (self.bridge, self.token_bridge, self.visual_head) if m is not None]
+
+    @property
+    def resamples(self) -> bool:
+        """Whether the bridge resamples the prompt images' patch tokens (`config.bridge` is a resampler)."""
+        return self.token_bridge is not None
+
+    @property
+    def _reads_instruction(self) -> bool:
+        return isinstance(self.bridge, Resampler) and self.bridge.reads_instruction
+
+    def bridge_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(.., Dv) visual tokens -> (.., H) input embeddings, token-wise: how a response image's tokens (predicted,
+        fed back) and an image given only as tokens enter the LLM."""
+        return (self.token_bridge if self.token_bridge is not None else self.bridge)(tokens)
 
     def is_partitioned(self) -> bool:
         """Whether DeepSpeed ZeRO-3 or FSDP2 shards this model's parameters (then every process must call the same
@@ -397,9 +429,10 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         visual_tokens: torch.Tensor | None = None,
         visual_tokens_given: torch.Tensor | None = None,
-        quantised_slots: torch.Tensor | None = None,
+        response_slots: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with bridge(z) spliced into the image slots.
+        """Token embeddings with the bridged images spliced into the image slots.
 
         Args:
             input_ids: (B, T) with K `image_token_id` slots per image, images in row-major order.
@@ -408,12 +441,15 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 feature cache's), with
             visual_tokens_given: (I,) bool, optional: which rows of `visual_tokens` hold tokens; the others are
                 encoded from `pixel_values`, which then holds exactly those images, in order.
-            quantised_slots: (B, T) bool, a discrete model's: the images with a marked slot are read as their
-                tokens' codebook vectors (what generation feeds back), the others as their encoder tokens.
+            response_slots: (B, T) bool, the slots of response images (teacher forcing; `response_slot_mask`): a
+                discrete model reads them as their tokens' codebook vectors (what generation feeds back), a
+                resampling model through its token-wise bridge (as generation feeds them back).
+            labels: (B, T), a `qformer_instruct` bridge's: an image's instruction is the text after it up to the
+                first labelled token (in generation, without labels: to the end of the prompt).
 
         Returns:
             inputs_embeds (B, T, H) and the visual tokens z (I, K, Dv) (None when there are no images); z is the
-            encoder's, not quantised.
+            encoder's pooled tokens, not quantised.
 
         Raises:
             ValueError: when the number of slots is not I * K.
@@ -424,13 +460,16 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         slot_mask = input_ids == slot_id  # (B, T)
         partitioned = self.is_partitioned()
         pixels = pixel_values if pixel_values is not None and pixel_values.shape[0] > 0 else None
+        patches = None  # (I', N, Dv), a resampling model's: the patch tokens of the images encoded from pixels
+        encoded = None  # (I,) bool: which images were encoded from pixels here
         if visual_tokens is not None and visual_tokens_given is not None and pixels is not None:
+            encoded = ~visual_tokens_given.to(visual_tokens.device)
             visual_tokens = visual_tokens.clone()
-            visual_tokens[~visual_tokens_given.to(visual_tokens.device)] = self.encode_images(pixels).to(
-                visual_tokens.dtype
-            )
+            pooled, patches = self._encode(pixels)
+            visual_tokens[encoded] = pooled.to(visual_tokens.dtype)
         elif visual_tokens is None and pixels is not None:
-            visual_tokens = self.encode_images(pixels)
+            visual_tokens, patches = self._encode(pixels)
+            encoded = torch.ones(visual_tokens.shape[0], dtype=torch.bool, device=visual_tokens.device)
         elif partitioned:
             # Under ZeRO-3 / FSDP2 calling the encoder gathers its weights collectively: it runs once in every call
             # on every rank, on a dummy image when this rank's batch needs no encoding.
@@ -445,11 +484,17 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 "(VPiTProcessor expands each <image> marker into them)"
             )
         if visual_tokens is not None and num_images > 0:
+            responses = None  # (I,) bool
+            if response_slots is not None and bool(response_slots.any()):
+                responses = response_slots[slot_mask].view(num_images, k).any(dim=-1)
             read = visual_tokens
-            if quantised_slots is not None and bool(quantised_slots.any()):
-                rows = quantised_slots[slot_mask].view(num_images, k).any(dim=-1)  # (I,)
-                read = torch.where(rows[:, None, None], self.quantise(visual_tokens), visual_tokens)
-            bridged = self.bridge(read.to(inputs_embeds.dtype))  # (I, K, H)
+            if responses is not None and self.is_discrete:
+                read = torch.where(responses[:, None, None], self.quantise(visual_tokens), visual_tokens)
+            bridged = self.bridge_tokens(read.to(inputs_embeds.dtype))  # (I, K, H)
+            if self.resamples:
+                bridged = self._resample_prompt_images(
+                    bridged, input_ids, patches, encoded, responses, inputs_embeds, labels
+                )
             inputs_embeds = inputs_embeds.masked_scatter(
                 slot_mask.unsqueeze(-1).expand_as(inputs_embeds), bridged.to(inputs_embeds.dtype)
             )
@@ -458,9 +503,79 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             # same trainable modules used on all ranks (no hang, no unused-parameter error); under ZeRO-3 / FSDP2
             # in evaluation too. (The frozen encoder needs this only when sharded: above.)
             dummy = inputs_embeds.new_zeros(1, k, self.vision_tower.hidden_size)
-            bridged = self.bridge(dummy)
+            bridged = self.bridge_tokens(dummy)
+            if self.resamples:
+                bridged = bridged + self._idle_resampler(inputs_embeds)
             inputs_embeds = inputs_embeds + 0.0 * bridged.sum().to(inputs_embeds.dtype)
         return inputs_embeds, visual_tokens
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled tokens (I, K, Dv) and, for a resampling model, the patch tokens (I, N, Dv)."""
+        if self.resamples:
+            return self.vision_tower.encode_with_patches(pixels)
+        return self.encode_images(pixels), None
+
+    def _idle_resampler(self, like: torch.Tensor) -> torch.Tensor:
+        """0 x the resampler's output on one dummy image (see `embed`: every rank calls every trained module)."""
+        patches = like.new_zeros(1, 1, self.vision_tower.hidden_size)  # a resampler reads any number of patches
+        instruction = like.new_zeros(1, 1, like.shape[-1]) if self._reads_instruction else None
+        mask = like.new_ones(1, 1, dtype=torch.long) if instruction is not None else None
+        return 0.0 * self.bridge(patches, instruction, mask).sum()
+
+    def _resample_prompt_images(
+        self,
+        bridged: torch.Tensor,
+        input_ids: torch.Tensor,
+        patches: torch.Tensor | None,
+        encoded: torch.Tensor | None,
+        responses: torch.Tensor | None,
+        token_embeds: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`bridged` (I, K, H), token-wise, with the prompt images that were encoded from pixels replaced by the
+        resampler's output on their patch tokens."""
+        images = bridged.shape[0]
+        resampled = torch.zeros(images, dtype=torch.bool, device=bridged.device)
+        if encoded is not None:
+            resampled = encoded.to(bridged.device)
+        if responses is not None:
+            resampled = resampled & ~responses.to(bridged.device)
+        if not bool(resampled.any()):
+            return bridged + self._idle_resampler(token_embeds) if self.training or self.is_partitioned() else bridged
+        assert patches is not None and encoded is not None  # resampled rows are encoded rows
+        chosen = resampled[encoded.to(bridged.device)]  # which of the encoded images are prompt images
+        instruction = mask = None
+        if self._reads_instruction:
+            instruction, mask = self._instructions(input_ids, token_embeds, resampled, labels)
+        out = self.bridge(patches[chosen.to(patches.device)].to(bridged.dtype), instruction, mask)  # (I', K, H)
+        full = bridged.new_zeros(bridged.shape).index_put((resampled.nonzero().squeeze(1),), out.to(bridged.dtype))
+        return torch.where(resampled[:, None, None], full, bridged)
+
+    def _instructions(
+        self, input_ids: torch.Tensor, token_embeds: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each image marked in `images` (I,) bool: the token embeddings of its instruction, the text that follows
+        its span in its row up to the first labelled token or the row's end, other images' slots left out, at most
+        MAX_INSTRUCTION_TOKENS; as (I', L, H) with an (I', L) 0/1 mask (an image with no text after it: all 0)."""
+        _, _, slot_id = self.image_token_ids()
+        k, length = self.config.num_visual_tokens, input_ids.shape[1]
+        slots = (input_ids == slot_id).nonzero()  # (I * K, 2), row-major: image i's slots are rows i*K .. i*K+K-1
+        pieces = []
+        for i in images.nonzero().squeeze(1).tolist():
+            row, last = (int(v) for v in slots[(i + 1) * k - 1])
+            stop = length
+            if labels is not None:
+                answer = (labels[row, last + 1 :] != IGNORE_INDEX).nonzero()
+                stop = last + 1 + int(answer[0]) if len(answer) else length
+            text = input_ids[row, last + 1 : stop] != slot_id
+            pieces.append(token_embeds[row, last + 1 : stop][text][:MAX_INSTRUCTION_TOKENS])
+        width = max([1, *(len(piece) for piece in pieces)])
+        out = token_embeds.new_zeros(len(pieces), width, token_embeds.shape[-1])
+        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=token_embeds.device)
+        for j, piece in enumerate(pieces):
+            out[j, : len(piece)] = piece
+            mask[j, : len(piece)] = 1
+        return out, mask
 
     def response_slot_mask(self, input_ids: torch.LongTensor, labels: torch.LongTensor) -> torch.Tensor:
         """(B, T) bool: the image slots whose image belongs to a response (see `response_slot_mask`)."""
@@ -559,13 +674,16 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            quantised = None
-            if self.is_discrete and labels is not None:
-                # Teacher forcing reads response images as codebook vectors, as generation feeds its codes back.
+            responses = None
+            if (self.is_discrete or self.resamples) and labels is not None:
+                # Teacher forcing reads response images as generation feeds them back: a discrete model's as
+                # codebook vectors, a resampling model's through the token-wise bridge.
                 if visual_target_mask is None:
                     visual_target_mask = self.response_slot_mask(input_ids, labels)  # also the loss's targets
-                quantised = visual_target_mask
-            inputs_embeds, z = self.embed(input_ids, pixel_values, visual_tokens, visual_tokens_given, quantised)
+                responses = visual_target_mask
+            inputs_embeds, z = self.embed(
+                input_ids, pixel_values, visual_tokens, visual_tokens_given, responses, labels
+            )
         packed = attention_mask is None and position_ids is not None and past_key_values is None
         if use_cache is None and (labels is not None or packed):
             # Training needs no KV cache, and transformers builds the block-diagonal mask of packed rows (position

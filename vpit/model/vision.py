@@ -311,6 +311,13 @@ class VisionEncoder(nn.Module):
         dtype = next(self.tower.parameters()).dtype  # (under ZeRO-3 an empty placeholder, but of the right dtype)
         return self.pool(self.patch_grid(pixel_values.to(dtype)))
 
+    @torch.no_grad()
+    def encode_with_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> the pooled tokens (B, K, Dv) and the patch tokens they pool (B, N, Dv), from one pass."""
+        dtype = next(self.tower.parameters()).dtype
+        grid = self.patch_grid(pixel_values.to(dtype))
+        return self.pool(grid), grid.flatten(2).transpose(1, 2)
+
 
 def build_image_transform(preprocess_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
     """open_clip's eval transform (resize, crop, to tensor, normalise) for a PreprocessCfg dict."""

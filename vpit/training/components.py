@@ -94,6 +94,8 @@ ARCHITECTURE = (
     "num_visual_tokens",
     "pooling",
     "bridge",
+    "bridge_options",
+    "token_bridge",
     "visual_head",
     "visual_head_options",
     "visual_target",
@@ -154,7 +156,9 @@ def freeze(model: VPiTForCausalLM, recipe: InstructionRecipe) -> nn.Module:
     Returns the model to train (wrapped when the rows train)."""
     rules = recipe.freeze
     model.vision_tower.freeze()
-    model.bridge.requires_grad_(not rules.bridge)
+    for bridge in (model.bridge, model.token_bridge):  # (a resampling model's token-wise bridge is a bridge too)
+        if bridge is not None:
+            bridge.requires_grad_(not rules.bridge)
     model.visual_head.requires_grad_(not rules.visual_head)
     if not rules.llm:
         return model
@@ -182,7 +186,8 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         parts = name.split(".")
-        part = "bridge" if "bridge" in parts else "visual_head" if "visual_head" in parts else "llm"
+        bridge = "bridge" in parts or "token_bridge" in parts
+        part = "bridge" if bridge else "visual_head" if "visual_head" in parts else "llm"
         rows = "trainable_tokens" in name  # token rows are embedding rows: no decay, as for the embedding
         decay = len(full_shape(param)) >= 2 and id(param) not in no_decay_params and not rows
         groups.setdefault((part, decay), []).append(param)

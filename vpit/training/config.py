@@ -71,7 +71,25 @@ class ModelSection(EncoderSection):
     )
     bridge: str | None = field(
         default=None,
-        metadata=_help("'linear' or 'mlpNx_gelu' (mlp2x_gelu); with `pretrained`, must equal the folder's"),
+        metadata=_help(
+            "the prompt images' bridge: 'linear' or 'mlpNx_gelu' (mlp2x_gelu) token-wise, or a resampler of the "
+            "patch tokens: 'perceiver', 'qformer', 'qformer_instruct', 'causal_query'; with `pretrained`, must "
+            "equal the folder's"
+        ),
+    )
+    bridge_options: dict[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "a resampler's width, depth, heads (and cross_attention_every for the Q-Formers); with `pretrained`, "
+            "must equal the folder's"
+        ),
+    )
+    token_bridge: str | None = field(
+        default=None,
+        metadata=_help(
+            "with a resampler: the token-wise bridge of response images (mlp2x_gelu); with `pretrained`, must equal "
+            "the folder's"
+        ),
     )
     visual_head: str | None = field(
         default=None,

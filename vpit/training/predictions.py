@@ -5,7 +5,8 @@ model's predictions, which lie near that set, not on it (on the toy world: teach
 image's tokens, generated from the prompt ~0.96). `predict_generation_tokens` runs the trained model over the
 generation records of a mixture and returns, per record image, the tokens the model predicts for it:
 
-- `generated`: from the prompt alone, greedily, as `VPiTPipeline` generates (the first image of the answer);
+- `generated`: from the prompt alone, greedily, as `VPiTPipeline` generates (the first image of the answer; with
+  `start_with_image` for a record whose answer is the bare image);
 - `teacher_forced`: one forward pass over the whole record (prompt, answer text and the true image tokens), the
   visual head's prediction at each of the image's slots.
 
@@ -28,6 +29,7 @@ from ..data.cards import DataCard
 from ..data.collator import VPiTCollator, model_inputs
 from ..data.encode import encode_sample
 from ..data.features import image_key
+from ..data.formats import IMAGE_MARKER
 from ..data.records import RecordError, Sample
 from ..inference.pipeline import VPiTPipeline
 from ..model.images import load_image
@@ -94,10 +96,23 @@ def predict_generation_tokens(
 
 
 def _generated(pipe: VPiTPipeline, samples: list[Sample]) -> list[torch.Tensor | None]:
-    prompts = [sample.messages[0]["content"] for sample in samples]
+    """Each record's prompt answered as its own answer begins: a record whose answer is the bare image is generated
+    with `start_with_image` (the answer opens with the image), the others freely (the model writes its lead-in)."""
     k = pipe.model.config.num_visual_tokens
-    outputs = pipe(prompts, max_new_tokens=64 + k, max_images_per_row=1)
-    return [output.visual_tokens[0] if output.visual_tokens else None for output in outputs]
+    found: list[torch.Tensor | None] = [None] * len(samples)
+    for opens in (False, True):
+        chosen = [i for i, s in enumerate(samples) if _answer_opens_with_image(s) is opens]
+        if not chosen:
+            continue
+        prompts = [samples[i].messages[0]["content"] for i in chosen]
+        outputs = pipe(prompts, max_new_tokens=64 + k, max_images_per_row=1, start_with_image=opens)
+        for i, output in zip(chosen, outputs, strict=True):
+            found[i] = output.visual_tokens[0] if output.visual_tokens else None
+    return found
+
+
+def _answer_opens_with_image(sample: Sample) -> bool:
+    return str(sample.messages[1]["content"]).lstrip().startswith(IMAGE_MARKER)
 
 
 def _teacher_forced(pipe: VPiTPipeline, samples: list[Sample]) -> list[torch.Tensor | None]:

@@ -27,6 +27,7 @@ from ...data.features import encoder_fingerprint
 from ...hub import push_folder, write_model_card
 from ...model.lora import load_lora, merge_lora
 from ...model.processing_vpit import VPiTProcessor
+from ...model.resamplers import RESAMPLERS
 from ..checkpoint import TrainerState, full_state_dict, resume
 from ..components import (
     build_accelerator,
@@ -66,7 +67,13 @@ def run(recipe: InstructionRecipe) -> Path:
 
     # Data: each process reads its own shard of the mixture; batches continue where the checkpoint stopped.
     rank, world = accelerator.process_index, accelerator.num_processes
-    fingerprint = encoder_fingerprint(vpit_config(accelerator, model), processor.preprocess_config)
+    config = vpit_config(accelerator, model)
+    fingerprint: str | None = encoder_fingerprint(config, processor.preprocess_config)
+    if config.bridge in RESAMPLERS:
+        # A feature cache holds the pooled tokens; a resampler reads the patch tokens, so the images are encoded.
+        fingerprint = None
+        if recipe.data.use_features and accelerator.is_main_process:
+            print(f"[vpit] the {config.bridge} bridge reads patch tokens: encoder-token caches are not used")
     loader = build_batches(
         recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch, encoder_fingerprint=fingerprint
     )
