@@ -8,6 +8,7 @@ from PIL import Image
 from test_generation import prompts
 
 import vpit
+from vpit.hub import build_model_card
 from vpit.inference.generation import generate, generate_no_cache
 from vpit.inference.pipeline import VPiTPipeline
 from vpit.model.resamplers import PerceiverBridge, QFormerBridge, build_resampler
@@ -128,6 +129,8 @@ def test_save_load_and_generation(tiny_llama, tiny_clip, tmp_path, bridge):
     processor.save_pretrained(tmp_path / "m")
     loaded = vpit.VPiTForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert loaded.config.bridge == bridge and loaded.config.bridge_options == SMALL
+    card = str(build_model_card(tmp_path / "m", "me/resampled"))
+    assert f"| bridge | {bridge} (depth 2, heads 4, width 32) on the patch tokens of prompt images; response " in card
     batch = encode_conversations(processor, [UNDERSTANDING + GENERATION], [[None, None]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)

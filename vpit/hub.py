@@ -19,6 +19,8 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .model.resamplers import RESAMPLERS
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 MODEL_CARD_TEMPLATE = """---
@@ -143,6 +145,16 @@ def _vision_hub_id(vision: dict[str, Any]) -> str | None:
     return _hub_id(vision.get("model_name"))
 
 
+def _bridge_row(config: dict[str, Any]) -> str:
+    """The bridge, and for a resampler its sizes and the token-wise bridge of response images."""
+    bridge = str(config.get("bridge"))
+    if bridge not in RESAMPLERS:
+        return bridge
+    options = ", ".join(f"{k} {v}" for k, v in (config.get("bridge_options") or {}).items())
+    sizes = f" ({options})" if options else " (the published sizes)"
+    return f"{bridge}{sizes} on the patch tokens of prompt images; response images: {config.get('token_bridge')}"
+
+
 def build_model_card(
     folder: str | Path,
     repo_id: str,
@@ -187,7 +199,7 @@ def build_model_card(
         num_visual_tokens=config.get("num_visual_tokens"),
         pooling=config.get("pooling"),
         normalize=config.get("normalize_visual_tokens"),
-        bridge=config.get("bridge"),
+        bridge=_bridge_row(config),
         visual_head=config.get("visual_head")
         if not discrete
         else f"none: the LM head's {config.get('visual_codebook_size')} code tokens (a k-means codebook)",
