@@ -6,7 +6,8 @@ way.
 
 `--work` holds the toy backbones and data of a `make demo` run (outputs/toy/backbones, outputs/toy/data). Per bridge:
 
-1. stage 1, `recipes/toy/bridge.yaml` (the MLP) or `recipes/toy/bridge_<name>.yaml` (a resampler): the bridge and
+1. stage 1, `recipes/toy/bridge.yaml` (the MLP) or `recipes/toy/bridge_<name>.yaml` (a resampler; `bidirectional`:
+   the MLP with `model.image_attention: bidirectional`): the bridge and
    the image-token rows on understanding data, the LLM frozen, 100 steps;
 2. stage 2, `recipes/toy/vpit_smooth_l1.yaml` from there (the demo's VPiT stage), `--vpit-steps` steps;
 3. judged by `vpit eval toy`'s own functions: understanding per question type (40 per type: colour, shape, size,
@@ -37,7 +38,7 @@ from .common import describe_machine, write_json
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "toy"
 CARDS = ROOT / "data_cards"
-BRIDGES = ("mlp2x_gelu", "perceiver", "qformer", "qformer_instruct", "causal_query")
+BRIDGES = ("mlp2x_gelu", "bidirectional", "perceiver", "qformer", "qformer_instruct", "causal_query")
 
 
 def _mixture(work: Path, kinds: dict[str, float]) -> str:

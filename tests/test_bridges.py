@@ -180,3 +180,99 @@ def test_bridge_configuration_errors(tiny_llama, tiny_clip):
         )
     with pytest.raises(ValueError, match="or a resampler"):
         vpit.VPiTConfig(text_config={"model_type": "llama", "hidden_size": 64}, bridge="resampler")
+
+
+# ------------------------------------------------------------------------------------- image attention
+
+
+def _slots_and_mask(model, batch, responses=None):
+    _, _, slot = model.image_token_ids()
+    with torch.no_grad():
+        embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"])
+        mask = model.llm_attention_mask(
+            batch["input_ids"], embeds, batch.get("attention_mask"), batch.get("position_ids"), None, responses
+        )
+    return (batch["input_ids"] == slot), mask
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_bidirectional_image_attention_within_prompt_images_only(tiny_llama, tiny_clip, backend):
+    """`image_attention: bidirectional`: a prompt image's slots see each other; the response image's slots and the
+    text stay causal; the mask is in the LLM backend's own format and changes what the model computes."""
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(
+        tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K, attn_implementation=backend
+    )
+    model.eval()
+    batch = encode_conversations(processor, [UNDERSTANDING + GENERATION], [[None, None]])
+    with torch.no_grad():
+        causal = model(**batch)
+    model.config.image_attention = "bidirectional"
+    responses = model.response_slot_mask(batch["input_ids"], batch["labels"])
+    slots, mask = _slots_and_mask(model, batch, responses)
+    assert mask.dim() == 4
+    allowed = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0  # (T, T): query x key
+    prompt_slots = (slots & ~responses)[0].nonzero().squeeze(1)
+    response_slots = responses[0].nonzero().squeeze(1)
+    assert bool(allowed[prompt_slots[0], prompt_slots[-1]])  # the first slot sees the last: bidirectional
+    assert not bool(allowed[response_slots[0], response_slots[-1]])  # the response image: causal
+    after = int(prompt_slots[-1]) + 2  # the text after the prompt image's <image_end>
+    assert not bool(allowed[prompt_slots[0], after]) and not bool(allowed[after, after + 1])
+    assert bool(allowed.tril().diagonal().all())
+    with torch.no_grad():
+        bidirectional = model(**batch)
+    assert not torch.allclose(bidirectional.logits, causal.logits, atol=1e-4)  # the option does something
+    # the response image's predictions do not see its own later slots: changing them leaves earlier ones alone
+    changed = dict(batch)
+    changed["pixel_values"] = batch["pixel_values"].clone()
+    changed["pixel_values"][1] = batch["pixel_values"][0]
+    with torch.no_grad():
+        again = model(**changed)
+    first = int(response_slots[0]) - 1  # the position that predicts the first response slot
+    torch.testing.assert_close(again.logits[0, : first + 1], bidirectional.logits[0, : first + 1])
+
+
+def test_bidirectional_mask_keeps_packed_samples_apart(tiny_llama, tiny_clip):
+    """Two samples packed in one row (position ids restarting, no 2-D mask): the second never sees the first,
+    and each prompt image is still one bidirectional block."""
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K)
+    model.config.image_attention = "bidirectional"
+    one = encode_conversations(processor, [UNDERSTANDING], [[None]])
+    length = one["input_ids"].shape[1]
+    packed = {
+        "input_ids": one["input_ids"].repeat(1, 2),
+        "pixel_values": one["pixel_values"].repeat(2, 1, 1, 1),
+        "position_ids": torch.arange(length).repeat(1, 2),
+    }
+    slots, mask = _slots_and_mask(model, packed)
+    allowed = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
+    assert not bool(allowed[length:, :length].any())  # no attention across the samples
+    first, second = slots[0, :length].nonzero().squeeze(1), length + slots[0, :length].nonzero().squeeze(1)
+    assert bool(allowed[first[0], first[-1]]) and bool(allowed[second[0], second[-1]])
+
+
+def test_bidirectional_generation_cached_equals_reference(tiny_llama, tiny_clip, tmp_path):
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K)
+    model.config.image_attention = "bidirectional"
+    model.eval()
+    prompt = prompts(
+        processor,
+        ["<image> What colour is the shape?", "Draw a red circle."],
+        images=[(220, 40, 40)],
+        open_image=[False, True],
+    )
+    masks = []  # the attention mask of every LLM call: 4-D for a prefill with a prompt image
+    hook = model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    cached = generate(model, **prompt, max_new_tokens=K + 3)
+    assert masks[0] is not None and masks[0].dim() == 4  # the prefill
+    assert all(m is None or m.dim() == 2 for m in masks[1:])  # then one causal step at a time
+    masks.clear()
+    reference = generate_no_cache(model, **prompt, max_new_tokens=K + 3)
+    hook.remove()
+    assert masks[0] is not None and masks[0].dim() == 4
+    assert torch.equal(cached.sequences, reference.sequences)
+    torch.testing.assert_close(cached.images[1][0], reference.images[1][0], atol=1e-5, rtol=1e-4)

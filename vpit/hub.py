@@ -42,6 +42,7 @@ pixels.
 | vision encoder ({backend}) | {vision} (feature layer {feature_layer}, frozen) |
 | visual tokens per image (K) | {num_visual_tokens} ({pooling} pooling, L2-normalised: {normalize}) |
 | bridge | {bridge} |
+| attention among an input image's tokens | {image_attention} |
 | visual head | {visual_head} |
 | visual loss | {visual_loss}, weight λ_v {visual_loss_weight} (text CE: λ_t {text_loss_weight}) |
 {extra_rows}
@@ -200,6 +201,7 @@ def build_model_card(
         pooling=config.get("pooling"),
         normalize=config.get("normalize_visual_tokens"),
         bridge=_bridge_row(config),
+        image_attention=config.get("image_attention", "causal"),
         visual_head=config.get("visual_head")
         if not discrete
         else f"none: the LM head's {config.get('visual_codebook_size')} code tokens (a k-means codebook)",

@@ -476,6 +476,7 @@ def generate(
         synced_gpus = model.is_partitioned() and dist.is_initialized() and dist.get_world_size() > 1
     finished_here = False  # synced: this process is done and only keeps the others company
     visual_kwargs = _visual_kwargs(model, settings, generator)
+    bidirectional = model.config.image_attention != "causal"
 
     for step in range(settings.max_new_tokens):
         if finished_here:
@@ -488,10 +489,16 @@ def generate(
             continue
         positions = _positions(attention_mask)  # (B, T')
         feed = step_embeds if use_cache else all_embeds
+        # An all-ones mask says nothing; leaving it out spares the LLM rebuilding it at every step.
+        mask = attention_mask if padded else None
+        if bidirectional and (step == 0 or not use_cache):  # the prompt's images: one 4-D mask for the prefill
+            generated = torch.arange(sequences.shape[1], device=device)[None] >= prompt_length  # response slots
+            mask = model.llm_attention_mask(
+                sequences, feed, mask, positions, cache, response_slots=generated.expand_as(sequences)
+            )
         out, hidden = model.run_language_model(
             inputs_embeds=feed,
-            # An all-ones mask says nothing; leaving it out spares the LLM rebuilding it at every step.
-            attention_mask=attention_mask if padded else None,
+            attention_mask=mask,
             position_ids=positions[:, -feed.shape[1] :],
             past_key_values=cache,
             use_cache=use_cache,
@@ -698,7 +705,11 @@ def _reference_row(
             embeds[0, slots] = model.bridge_tokens(torch.stack(z).to(embeds.dtype)).to(embeds.dtype)  # (n, H)
         if prompt_embeds is not None:
             embeds[:, : prompt_embeds.shape[1]] = prompt_embeds.to(embeds.dtype)
-        out = model.language_model(inputs_embeds=embeds, use_cache=False, output_hidden_states=True, return_dict=True)
+        new_slots = torch.arange(ids.shape[1], device=ids.device)[None] >= prompt.shape[1]  # response slots
+        mask = model.llm_attention_mask(ids, embeds, None, response_slots=new_slots)
+        out = model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, use_cache=False, output_hidden_states=True, return_dict=True
+        )
         h_last = out.hidden_states[-1][:, -1]  # (1, H)
         if visual_left > 0:
             z_hat = model.predict_visual(h_last, **_visual_kwargs(model, settings, generator))[0]  # (Dv,)

@@ -24,6 +24,7 @@ VISION_BACKENDS = ("open_clip", "hf")
 VISUAL_TARGETS = ("continuous", "discrete")
 VISUAL_CODE_TOKEN = "<image_code_{}>"  # the vocabulary entry of code i of a discrete model's codebook
 POOLING_MODES = ("bilinear", "avg")
+IMAGE_ATTENTION = ("causal", "bidirectional")
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -146,6 +147,13 @@ class VPiTConfig(PreTrainedConfig):
             "images (teacher-forced, fed back one token at a time) and images given only as tokens enter."
         },
     )
+    image_attention: str = field(
+        default="causal",
+        metadata={
+            "help": "Attention among an input image's K slots: 'causal', or 'bidirectional' (Show-o, Transfusion: "
+            "each prompt image's slots see each other, text and response images stay causal)."
+        },
+    )
     visual_head: str = field(
         default="mlp",
         metadata={
@@ -230,6 +238,7 @@ class VPiTConfig(PreTrainedConfig):
                 f"{self.num_visual_tokens}; the nearest square is {nearest}"
             )
         _one_of("pooling", self.pooling, POOLING_MODES)
+        _one_of("image_attention", self.image_attention, IMAGE_ATTENTION)
         check_bridge(self.bridge)
         if self.token_bridge in RESAMPLERS:
             raise ValueError(
@@ -289,4 +298,12 @@ class VPiTConfig(PreTrainedConfig):
         return int(self.get_text_config().hidden_size)
 
 
-__all__ = ["POOLING_MODES", "VISION_BACKENDS", "VISUAL_CODE_TOKEN", "VISUAL_TARGETS", "VPiTConfig", "VPiTVisionConfig"]
+__all__ = [
+    "IMAGE_ATTENTION",
+    "POOLING_MODES",
+    "VISION_BACKENDS",
+    "VISUAL_CODE_TOKEN",
+    "VISUAL_TARGETS",
+    "VPiTConfig",
+    "VPiTVisionConfig",
+]

@@ -671,6 +671,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             `VPiTCausalLMOutput` with `loss`, `text_loss`, `visual_loss`, `logits` and the visual predictions.
         """
         z = None
+        packed = attention_mask is None and position_ids is not None and past_key_values is None
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
@@ -684,7 +685,17 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             inputs_embeds, z = self.embed(
                 input_ids, pixel_values, visual_tokens, visual_tokens_given, responses, labels
             )
-        packed = attention_mask is None and position_ids is not None and past_key_values is None
+            if past_key_values is None:
+                if labels is not None and responses is None and self.config.image_attention != "causal":
+                    # Response images stay causal: each slot is predicted from the ones before it.
+                    responses = (
+                        visual_target_mask
+                        if visual_target_mask is not None
+                        else self.response_slot_mask(input_ids, labels)
+                    )
+                attention_mask = self.llm_attention_mask(
+                    input_ids, inputs_embeds, attention_mask, position_ids, None, responses
+                )
         if use_cache is None and (labels is not None or packed):
             # Training needs no KV cache, and transformers builds the block-diagonal mask of packed rows (position
             # ids restarting per sample) only when there is none: a default cache would let samples attend across.
@@ -804,6 +815,42 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
     def keeps_some_logits(self) -> bool:
         """Whether the LLM's forward takes `logits_to_keep` (every transformers causal LM of this generation does)."""
         return "logits_to_keep" in inspect.signature(self.language_model.forward).parameters
+
+    def llm_attention_mask(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        response_slots: torch.Tensor | None = None,
+    ) -> Any:
+        """The LLM's attention mask for a prefill of `input_ids`: `attention_mask` itself when image attention is
+        causal; with `image_attention: bidirectional` the 4-D mask in which the K slots of each prompt image attend
+        to each other (the response images' slots, `response_slots`, stay causal), built by transformers'
+        `create_causal_mask` with `block_sequence_ids` in the LLM's attention backend's format, packed rows
+        (position ids restarting) and padding included. A 4-D mask reaches the LLM's layers as it is."""
+        if self.config.image_attention == "causal":
+            return attention_mask
+        from transformers.masking_utils import create_causal_mask
+
+        _, _, slot_id = self.image_token_ids()
+        slots = input_ids == slot_id  # (B, T)
+        image = torch.div(slots.long().cumsum(-1) - 1, self.config.num_visual_tokens, rounding_mode="floor")
+        prompt = slots if response_slots is None else slots & ~response_slots.to(slots.device)
+        blocks = torch.where(prompt, image, -1)  # (B, T): each prompt image's slots one block, -1 elsewhere
+        if not bool(prompt.any()):
+            return attention_mask
+        if position_ids is None and attention_mask is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            block_sequence_ids=blocks,
+        )
 
     def run_language_model(self, **kwargs: Any) -> tuple[Any, torch.Tensor]:
         """The LLM's forward (kwargs as its own: inputs_embeds, attention_mask, cache, `logits_to_keep`, ...) and its

@@ -96,6 +96,7 @@ ARCHITECTURE = (
     "bridge",
     "bridge_options",
     "token_bridge",
+    "image_attention",
     "visual_head",
     "visual_head_options",
     "visual_target",

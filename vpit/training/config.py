@@ -91,6 +91,13 @@ class ModelSection(EncoderSection):
             "the folder's"
         ),
     )
+    image_attention: str | None = field(
+        default=None,
+        metadata=_help(
+            "'causal' (default) or 'bidirectional': each prompt image's slots attend to each other (Show-o, "
+            "Transfusion); with `pretrained`, must equal the folder's"
+        ),
+    )
     visual_head: str | None = field(
         default=None,
         metadata=_help(
