@@ -8,7 +8,7 @@ way.
 
 1. stage 1, `recipes/toy/bridge.yaml` (the MLP) or `recipes/toy/bridge_<name>.yaml` (a resampler; `bidirectional`:
    the MLP with `model.image_attention: bidirectional`): the bridge and
-   the image-token rows on understanding data, the LLM frozen, 100 steps;
+   the image-token rows on understanding data, the LLM frozen, `--bridge-steps` steps (100, as the demo);
 2. stage 2, `recipes/toy/vpit_smooth_l1.yaml` from there (the demo's VPiT stage), `--vpit-steps` steps;
 3. judged by `vpit eval toy`'s own functions: understanding per question type (40 per type: colour, shape, size,
    position, describe) after stage 1 and after stage 2, and generation in token space (the predicted
@@ -81,7 +81,7 @@ def _bridge_parameters(model_dir: Path) -> dict[str, int]:
     return count
 
 
-def run(work: Path, out_dir: Path, bridges: list[str], vpit_steps: int, seed: int) -> dict[str, Any]:
+def run(work: Path, out_dir: Path, bridges: list[str], bridge_steps: int, vpit_steps: int, seed: int) -> dict[str, Any]:
     settings = EvalSettings(questions_per_type=40, generation_repeats=1)
     results: dict[str, Any] = {}
     common = {"tracking.report_to": "[]", "train.seed": seed, "data.seed": seed, "train.checkpoint_every": 0}
@@ -97,6 +97,8 @@ def run(work: Path, out_dir: Path, bridges: list[str], vpit_steps: int, seed: in
                 "model.vision": f"local-dir:{work / 'backbones' / 'clip'}",
                 "data.mixture": _mixture(work, {"understanding": 1.0}),
                 "train.output_dir": first,
+                "train.max_steps": bridge_steps,
+                "optim.warmup_steps": min(10, bridge_steps // 10),
             },
         )
         vpit_seconds = _train(
@@ -132,16 +134,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("outputs/toy"), help="a make demo run's backbones + data")
     parser.add_argument("--runs", type=Path, default=Path("outputs/bridges"), help="where the runs go")
     parser.add_argument("--bridges", nargs="+", default=list(BRIDGES), choices=BRIDGES)
+    parser.add_argument("--bridge-steps", type=int, default=100)
     parser.add_argument("--vpit-steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bridges.json")
     args = parser.parse_args()
     start = time.perf_counter()
-    results = run(args.work.resolve(), args.runs.resolve(), args.bridges, args.vpit_steps, args.seed)
+    results = run(args.work.resolve(), args.runs.resolve(), args.bridges, args.bridge_steps, args.vpit_steps, args.seed)
     path = write_json(
         args.out,
         {
             "machine": describe_machine(),
+            "bridge_steps": args.bridge_steps,
             "vpit_steps": args.vpit_steps,
             "seed": args.seed,
             "bridges": results,
