@@ -62,14 +62,6 @@ def test_prompt_images_are_resampled_and_response_images_bridged_token_wise(tiny
     for part in (model.bridge, model.token_bridge, model.visual_head):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), type(part).__name__
-    names = {group["name"] for group in param_groups(model, _recipe())}
-    assert "bridge" in names  # the resampler and the token-wise bridge train at the bridge's learning rate
-
-
-def _recipe():
-    from vpit.training.config import load_recipe
-
-    return load_recipe("recipes/toy/bridge.yaml")
 
 
 def test_a_batch_without_prompt_images_still_calls_the_resampler(tiny_llama, tiny_clip):
@@ -276,3 +268,38 @@ def test_bidirectional_generation_cached_equals_reference(tiny_llama, tiny_clip,
     assert masks[0] is not None and masks[0].dim() == 4
     assert torch.equal(cached.sequences, reference.sequences)
     torch.testing.assert_close(cached.images[1][0], reference.images[1][0], atol=1e-5, rtol=1e-4)
+
+
+def test_the_bridge_stage_trains_the_resampler_and_the_token_bridge(tiny_llama, tiny_clip):
+    """A bridge-stage recipe with a resampler: the resampler, the token-wise bridge and the image-token rows train,
+    at the bridge's learning rate; the LLM and the head stay frozen."""
+    from vpit.training.components import build_model
+    from vpit.training.config import recipe_from_dict
+
+    recipe = recipe_from_dict(
+        {
+            "stage": "bridge",
+            "model": {
+                "llm": str(tiny_llama),
+                "vision": f"local-dir:{tiny_clip}",
+                "num_visual_tokens": K,
+                "bridge": "perceiver",
+                "bridge_options": SMALL,
+            },
+            "freeze": {"llm": True, "visual_head": True},
+            "data": {"mixture": [{"card": "data_cards/toy_understanding.yaml"}], "use_sample": True},
+            "optim": {"lr": 1e-4, "bridge_lr": 1e-3},
+            "train": {"output_dir": "unused", "max_steps": 1},
+            "tracking": {"report_to": []},
+        }
+    )
+    model, _ = build_model(recipe)
+    base = model.get_base_model()
+    hidden = base.config.get_text_config().hidden_size
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    bridges = sum(p.numel() for part in (base.bridge, base.token_bridge) for p in part.parameters())
+    assert sum(trained.values()) == bridges + 2 * 3 * hidden  # + the 3 image-token rows of embedding and LM head
+    groups = param_groups(model, recipe)
+    assert {g["lr"] for g in groups if g["name"] == "bridge"} == {1e-3}
+    in_bridge_groups = sum(p.numel() for g in groups if g["name"] == "bridge" for p in g["params"])
+    assert in_bridge_groups == bridges
