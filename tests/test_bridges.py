@@ -303,3 +303,13 @@ def test_the_bridge_stage_trains_the_resampler_and_the_token_bridge(tiny_llama, 
     assert {g["lr"] for g in groups if g["name"] == "bridge"} == {1e-3}
     in_bridge_groups = sum(p.numel() for g in groups if g["name"] == "bridge" for p in g["params"])
     assert in_bridge_groups == bridges
+
+
+def test_bidirectional_image_attention_refuses_a_flash_backend(tiny_llama, tiny_clip):
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K)
+    model.config.image_attention = "bidirectional"
+    model.language_model.config._attn_implementation = "flash_attention_2"
+    batch = encode_conversations(processor, [UNDERSTANDING], [[None]])
+    with pytest.raises(ValueError, match="needs an attention backend that takes a mask"):
+        _slots_and_mask(model, batch)

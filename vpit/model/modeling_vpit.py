@@ -834,6 +834,13 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             return attention_mask
         from transformers.masking_utils import create_causal_mask
 
+        backend = str(self.language_model.config._attn_implementation)
+        if "flash" in backend:  # flash kernels take no mask beyond padding: the blocks would be dropped silently
+            raise ValueError(
+                f"image_attention 'bidirectional' needs an attention backend that takes a mask ('sdpa', 'eager' or "
+                f"'flex_attention'); the LLM runs {backend!r}"
+            )
+
         _, _, slot_id = self.image_token_ids()
         slots = input_ids == slot_id  # (B, T)
         image = torch.div(slots.long().cumsum(-1) - 1, self.config.num_visual_tokens, rounding_mode="floor")
