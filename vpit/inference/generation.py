@@ -8,7 +8,7 @@ State machine, per row (the token in brackets is what the step records in `seque
 
     TEXT    sample a token from the LM head (transformers' logits processors and warpers)     [token]
             -> VISUAL with K steps to go if it is <image_start>; -> DONE if it is an eos token
-    VISUAL  ẑ = model.predict_visual(h_last); the next input is model.bridge_tokens(ẑ)              [image_token_id]
+    VISUAL  ẑ = model.predict_visual(h_last); the next input is model.bridge_tokens(ẑ)       [image_token_id]
             -> END after the K-th visual step
     END     the next input is <image_end>, forced, never sampled                            [image_end_token_id]
             -> TEXT
