@@ -4,7 +4,10 @@ text-only batch while the other holds images, then writes what each rank saw to 
 model to OUT/run/final.
 
     accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml --num_processes 2 \\
-        tests/distributed_probe.py OUT LLM CLIP TEXT_CARD STEPS
+        tests/distributed_probe.py OUT LLM CLIP TEXT_CARD STEPS [MODEL_JSON]
+
+MODEL_JSON: extra `model.` keys (e.g. a resampling bridge); the training mixture then also holds understanding
+samples, so that prompt images reach the bridge on one rank while the other holds text.
 """
 
 import json
@@ -48,16 +51,18 @@ OPTIM = {
 }
 
 
-def main(out: Path, llm: str, clip: str, text_card: str, steps: int) -> None:
+def training_mixture(text_card: str, model_extra: dict | None) -> list[dict]:
+    mixture = [{"card": text_card, "weight": 1.0}, {**TOY_GENERATION_SAMPLE, "weight": 1.0}]
+    return mixture + ([{**TOY_UNDERSTANDING_SAMPLE, "weight": 1.0}] if model_extra else [])
+
+
+def main(out: Path, llm: str, clip: str, text_card: str, steps: int, model_extra: dict | None = None) -> None:
     recipe = recipe_from_dict(
         {
             "stage": "vpit",
-            "model": {"llm": llm, "vision": f"local-dir:{clip}", "num_visual_tokens": 4},
+            "model": {"llm": llm, "vision": f"local-dir:{clip}", "num_visual_tokens": 4, **(model_extra or {})},
             "data": {
-                "mixture": [
-                    {"card": text_card, "weight": 1.0},
-                    {**TOY_GENERATION_SAMPLE, "weight": 1.0},
-                ],
+                "mixture": training_mixture(text_card, model_extra),
                 # Held-out batches that differ across ranks: text-only on one, images on the other, answers of
                 # different lengths, questions with and without an image.
                 "eval_mixture": [
@@ -179,4 +184,4 @@ def _optimizer_elements(accelerator, model, optimizer) -> int:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, llm, clip, text_card, steps = sys.argv[1:6]
-    main(Path(out), llm, clip, text_card, int(steps))
+    main(Path(out), llm, clip, text_card, int(steps), json.loads(sys.argv[6]) if len(sys.argv) > 6 else None)

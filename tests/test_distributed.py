@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from distributed_probe import OPTIM, TOY_GENERATION_SAMPLE
+from distributed_probe import OPTIM, training_mixture
 from training_helpers import merge_batches
 
 from vpit import VPiTForCausalLM
@@ -57,7 +57,7 @@ CONFIGS = {
 }
 
 
-def _launch(engine, out, tiny_llama, tiny_clip, text_card):
+def _launch(engine, out, tiny_llama, tiny_clip, text_card, model_extra=None, steps=STEPS):
     command = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
@@ -72,7 +72,8 @@ def _launch(engine, out, tiny_llama, tiny_clip, text_card):
         str(tiny_llama),
         str(tiny_clip),
         str(text_card),
-        str(STEPS),
+        str(steps),
+        *([json.dumps(model_extra)] if model_extra else []),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     # A hang (a module called on one rank only) would block both ranks: the bound fails it in minutes, not hours.
@@ -81,22 +82,27 @@ def _launch(engine, out, tiny_llama, tiny_clip, text_card):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def _reference(tiny_llama, tiny_clip, text_card, tmp_path):
+def _reference(tiny_llama, tiny_clip, text_card, tmp_path, model_extra=None, steps=STEPS):
     """One process, the true global batch: every step's 2 ranks x 2 micro-batches merged into one batch, its loss
     averaged over the batch's own labelled tokens and visual targets (no per-rank or per-micro-batch averages).
     Returns the losses of the first COMPARED_STEPS steps and the learning rate of every step."""
     recipe = recipe_from_dict(
         {
             "stage": "vpit",
-            "model": {"llm": str(tiny_llama), "vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
+            "model": {
+                "llm": str(tiny_llama),
+                "vision": f"local-dir:{tiny_clip}",
+                "num_visual_tokens": 4,
+                **(model_extra or {}),
+            },
             "data": {
-                "mixture": [{"card": str(text_card)}, TOY_GENERATION_SAMPLE],
+                "mixture": training_mixture(str(text_card), model_extra),
                 "batch_size": 1,
                 "num_workers": 0,
                 "max_length": 128,
             },
             "optim": OPTIM,
-            "train": {"output_dir": str(tmp_path / "ref"), "max_steps": STEPS},
+            "train": {"output_dir": str(tmp_path / "ref"), "max_steps": steps},
             "tracking": {"report_to": []},
         }
     )
@@ -109,7 +115,7 @@ def _reference(tiny_llama, tiny_clip, text_card, tmp_path):
     accumulation = OPTIM["gradient_accumulation_steps"]
     losses, lrs, uneven = [], [], 0
     model.train()
-    for step in range(STEPS):
+    for step in range(steps):
         lrs.append(scheduler.get_last_lr()[0])
         if step < COMPARED_STEPS:
             micro = [next(s) for s in streams for _ in range(accumulation)]  # rank 0's, then rank 1's
@@ -122,7 +128,8 @@ def _reference(tiny_llama, tiny_clip, text_card, tmp_path):
             optimizer.zero_grad()
             losses.append(float(loss))
         scheduler.step()
-    assert uneven == COMPARED_STEPS  # every compared step splits unevenly: the weighting matters
+    if model_extra is None:
+        assert uneven == COMPARED_STEPS  # every compared step splits unevenly: the weighting matters
     return losses, lrs
 
 
@@ -216,3 +223,24 @@ def test_fsdp_launch_on_cpus_fails_loudly(tiny_llama, tiny_clip, tmp_path):
     assert "an FSDP launch config, but accelerate set up NO" in result.stderr
     assert "deepspeed_zero3.yaml" in result.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_with_a_resampler_and_bidirectional_image_attention(tiny_llama, tiny_clip, text_card, tmp_path):
+    """ZeRO-3 with a Perceiver bridge, its token-wise twin and bidirectional prompt-image attention, on a mixture
+    where prompt images reach the resampler on one rank while the other holds text or a response image: no hang,
+    and the loss equals one process on the true global batch step after step (the resampler's gradients included,
+    or the later losses would drift apart)."""
+    extra = {
+        "bridge": "perceiver",
+        "bridge_options": {"width": 32, "depth": 1, "heads": 4},
+        "image_attention": "bidirectional",
+    }
+    steps = COMPARED_STEPS
+    ranks = _launch("zero3", tmp_path / "out", tiny_llama, tiny_clip, text_card, extra, steps)
+    assert all(len(rank["seen"]) == OPTIM["gradient_accumulation_steps"] * steps for rank in ranks)
+    reference, _ = _reference(tiny_llama, tiny_clip, text_card, tmp_path, extra, steps)
+    for rank in ranks:
+        assert [h["loss"] for h in rank["history"][:steps]] == pytest.approx(reference, abs=TOLERANCE)
+    loaded = VPiTForCausalLM.from_pretrained(tmp_path / "out" / "run" / "final")
+    assert loaded.config.bridge == "perceiver" and loaded.config.image_attention == "bidirectional"

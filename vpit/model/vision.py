@@ -306,17 +306,18 @@ class VisionEncoder(nn.Module):
         return F.normalize(tokens, dim=-1) if self.normalize else tokens
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, K, Dv). No gradient: the encoder is frozen and its tokens are targets."""
+    def forward(self, pixel_values: torch.Tensor, with_patches: bool = False) -> Any:
+        """(B, 3, S, S) -> (B, K, Dv); with `with_patches`, also the patch tokens they pool, (B, N, Dv), from the same
+        pass. No gradient: the encoder is frozen and its tokens are targets. (Both go through this forward, so that
+        DeepSpeed ZeRO-3, which checks that every rank calls the same modules in the same order, sees one module.)"""
         dtype = next(self.tower.parameters()).dtype  # (under ZeRO-3 an empty placeholder, but of the right dtype)
-        return self.pool(self.patch_grid(pixel_values.to(dtype)))
+        grid = self.patch_grid(pixel_values.to(dtype))
+        return (self.pool(grid), grid.flatten(2).transpose(1, 2)) if with_patches else self.pool(grid)
 
-    @torch.no_grad()
     def encode_with_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> the pooled tokens (B, K, Dv) and the patch tokens they pool (B, N, Dv), from one pass."""
-        dtype = next(self.tower.parameters()).dtype
-        grid = self.patch_grid(pixel_values.to(dtype))
-        return self.pool(grid), grid.flatten(2).transpose(1, 2)
+        pooled, patches = self(pixel_values, with_patches=True)
+        return pooled, patches
 
 
 def build_image_transform(preprocess_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
