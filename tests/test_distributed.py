@@ -226,8 +226,11 @@ def test_fsdp_launch_on_cpus_fails_loudly(tiny_llama, tiny_clip, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_with_a_resampler_and_bidirectional_image_attention(tiny_llama, tiny_clip, text_card, tmp_path):
-    """ZeRO-3 with a Perceiver bridge, its token-wise twin and bidirectional prompt-image attention, on a mixture
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_two_ranks_with_a_resampler_and_bidirectional_image_attention(
+    engine, tiny_llama, tiny_clip, text_card, tmp_path
+):
+    """ZeRO-3 and FSDP2 with a Perceiver bridge, its token-wise twin and bidirectional prompt-image attention, on a mixture
     where prompt images reach the resampler on one rank while the other holds text or a response image: no hang,
     and the loss equals one process on the true global batch step after step (the resampler's gradients included,
     or the later losses would drift apart)."""
@@ -237,7 +240,7 @@ def test_two_ranks_with_a_resampler_and_bidirectional_image_attention(tiny_llama
         "image_attention": "bidirectional",
     }
     steps = COMPARED_STEPS
-    ranks = _launch("zero3", tmp_path / "out", tiny_llama, tiny_clip, text_card, extra, steps)
+    ranks = _launch(engine, tmp_path / "out", tiny_llama, tiny_clip, text_card, extra, steps)
     assert all(len(rank["seen"]) == OPTIM["gradient_accumulation_steps"] * steps for rank in ranks)
     reference, _ = _reference(tiny_llama, tiny_clip, text_card, tmp_path, extra, steps)
     for rank in ranks:
