@@ -31,25 +31,12 @@ from typing import Any
 import torch
 
 from vpit.inference.pipeline import VPiTPipeline
+from vpit.toy.demo import RECIPES, ROOT, toy_mixture
 from vpit.toy.evaluate import EvalSettings, evaluate_generation, evaluate_understanding
 
 from .common import describe_machine, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes" / "toy"
-CARDS = ROOT / "data_cards"
 BRIDGES = ("mlp2x_gelu", "bidirectional", "perceiver", "qformer", "qformer_instruct", "causal_query")
-
-
-def _mixture(work: Path, kinds: dict[str, float]) -> str:
-    entries = []
-    for kind, weight in kinds.items():
-        folder = work / "data" / kind
-        entries.append(
-            f"{{card: {CARDS / f'toy_{kind}.yaml'}, weight: {weight}, "
-            f"data_files: [{folder / 'records.jsonl'}], image_folder: {folder / 'images'}}}"
-        )
-    return "[" + ", ".join(entries) + "]"
 
 
 def _train(recipe: Path, overrides: dict[str, Any]) -> float:
@@ -95,7 +82,7 @@ def run(work: Path, out_dir: Path, bridges: list[str], bridge_steps: int, vpit_s
                 **common,
                 "model.llm": work / "backbones" / "llm",
                 "model.vision": f"local-dir:{work / 'backbones' / 'clip'}",
-                "data.mixture": _mixture(work, {"understanding": 1.0}),
+                "data.mixture": toy_mixture(work, {"understanding": 1.0}),
                 "train.output_dir": first,
                 "train.max_steps": bridge_steps,
                 "optim.warmup_steps": min(10, bridge_steps // 10),
@@ -106,7 +93,7 @@ def run(work: Path, out_dir: Path, bridges: list[str], bridge_steps: int, vpit_s
             {
                 **common,
                 "model.pretrained": first / "final",
-                "data.mixture": _mixture(work, {"understanding": 1.0, "generation": 1.0, "editing": 0.3}),
+                "data.mixture": toy_mixture(work, {"understanding": 1.0, "generation": 1.0, "editing": 0.3}),
                 "train.output_dir": second,
                 "train.max_steps": vpit_steps,
                 "optim.warmup_steps": min(30, vpit_steps // 10),

@@ -95,7 +95,7 @@ class DemoPlan:
         )
 
 
-def _mixture(work: Path, kinds: dict[str, float]) -> str:
+def toy_mixture(work: Path, kinds: dict[str, float]) -> str:
     """A `data.mixture` override: the toy cards, reading the sets generated under WORK/data."""
     entries = []
     for kind, weight in kinds.items():
@@ -211,7 +211,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
             **common,
             "model.llm": work / "backbones" / "llm",
             "model.vision": f"local-dir:{work / 'backbones' / 'clip'}",
-            "data.mixture": _mixture(work, {"understanding": 1.0}),
+            "data.mixture": toy_mixture(work, {"understanding": 1.0}),
             "train.output_dir": runs["bridge"],
             **plan.bridge,
         },
@@ -225,7 +225,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
         {
             **common,
             "model.pretrained": runs["bridge"] / "final",
-            "data.mixture": _mixture(work, {"understanding": 1.0, "generation": 1.0, "editing": 0.3}),
+            "data.mixture": toy_mixture(work, {"understanding": 1.0, "generation": 1.0, "editing": 0.3}),
             "train.output_dir": runs["vpit"],
             **plan.vpit,
         },
@@ -236,7 +236,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
             **common,
             "model.pretrained": runs["bridge"] / "final",
             "decoder.vae": work / "backbones" / "vae",
-            "data.mixture": _mixture(work, {"generation": 1.0, "understanding": 1.0}),
+            "data.mixture": toy_mixture(work, {"generation": 1.0, "understanding": 1.0}),
             "train.output_dir": runs["decoder"],
             **plan.decoder,
         },
@@ -271,7 +271,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
             "model.pretrained": runs["bridge"] / "final",
             "decoder.init": runs["decoder"] / "final",
             "decoder.predicted_tokens_from": runs["vpit"] / "final",
-            "data.mixture": _mixture(work, {"generation": 1.0, "understanding": 1.0}),
+            "data.mixture": toy_mixture(work, {"generation": 1.0, "understanding": 1.0}),
             "train.output_dir": runs["decoder_predicted"],
             "train.torch_threads": max(1, workers),
             **plan.decoder_predicted,
