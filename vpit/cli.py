@@ -116,6 +116,7 @@ def _eval_toy(args: argparse.Namespace) -> int:
         held_out_repeats=args.held_out_repeats,
         reconstruction_repeats=args.reconstruction_repeats,
         modes=tuple(args.modes),
+        edits=args.edits,
         batch_size=args.batch_size,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--held-out-repeats", type=int, default=3, help="prompts per held-out composition (3: 90 prompts)"
     )
     eval_toy.add_argument("--reconstruction-repeats", type=int, default=2, help="renders per composition")
+    eval_toy.add_argument("--edits", type=int, default=90, help="editing prompts judged (0: none)")
     eval_toy.add_argument(
         "--modes",
         nargs="*",

@@ -15,9 +15,11 @@ Encoded sample (the collator's input):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..model.losses import IGNORE_INDEX
 from ..model.modeling_vpit import response_slot_mask
@@ -102,4 +104,50 @@ def encode_sample(
     return encoded
 
 
-__all__ = ["encode_sample"]
+def encode_query_sample(
+    sample: Sample,
+    processor: VPiTProcessor,
+    num_queries: int,
+    decoder_transform: Callable[[Image.Image], torch.Tensor],
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """A sample for the 'queries' mode (`vpit.training.stages.queries`): the conversation up to and including the
+    `<image_start>` of its first response image, then Q query slots and `<image_end>`; that image is the decoder's
+    target (`decoder_images` (1, 3, R, R) through `decoder_transform`), not an input. Earlier images (the prompt's,
+    or an edit's source) are read through the bridge as usual; the text after the target image is dropped.
+
+    Encoded sample: as `encode_sample`'s, with visual_target_mask marking the Q query slots and labels on the answer
+    text before the image and its `<image_start>` (the slots and `<image_end>` unlabelled).
+
+    Raises:
+        RecordError: `no_response_image` when no answer holds an image, `too_long` past max_length, and
+            `encode_sample`'s reasons.
+    """
+    encoded = encode_sample(sample, processor)
+    input_ids, labels = encoded["input_ids"], encoded["labels"]
+    tokenizer = processor.tokenizer
+    start_id, end_id = token_id(tokenizer, processor.image_start_token), token_id(tokenizer, processor.image_end_token)
+    slot_id = token_id(tokenizer, processor.image_token)
+    starts = torch.nonzero(input_ids == start_id).flatten()  # (I,), one per image in order
+    answered = [i for i, position in enumerate(starts.tolist()) if int(labels[position]) != IGNORE_INDEX]
+    if not answered:
+        raise RecordError("no_response_image", "the queries stage trains on answers that hold an image; none does")
+    target, cut = answered[0], int(starts[answered[0]]) + 1
+    tail = torch.tensor([slot_id] * num_queries + [end_id])
+    ids = torch.cat([input_ids[:cut], tail])  # (L,)
+    if max_length is not None and len(ids) > max_length:
+        raise RecordError("too_long", f"{len(ids)} tokens up to the target image's queries > max_length={max_length}")
+    queries = torch.zeros(len(ids), dtype=torch.bool)
+    queries[cut : cut + num_queries] = True
+    image = load_record_image(sample.images[target], sample.image_root)
+    return {
+        **{key: encoded[key] for key in ("id", "source", "index")},
+        "input_ids": ids,
+        "labels": torch.cat([labels[:cut], torch.full((num_queries + 1,), IGNORE_INDEX)]),
+        "visual_target_mask": queries,
+        "pixel_values": encoded["pixel_values"][:target],  # the images before the target, in slot order
+        "decoder_images": decoder_transform(image)[None],  # (1, 3, R, R)
+    }
+
+
+__all__ = ["encode_query_sample", "encode_sample"]

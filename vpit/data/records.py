@@ -25,6 +25,8 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "text is not valid UTF-8",
     "truncates_image": "the sequence is longer than max_length and the cut would go through an image span",
     "no_labels": "no assistant token survives tokenisation / truncation, so the sample would train on nothing",
+    "no_response_image": "no answer holds an image, which the queries stage needs as its target",
+    "too_long": "the sequence up to the target image's queries is longer than max_length",
     "bad_json": "a line of the data file is not valid JSON (or not a JSON object)",
     "duplicate_id": "the record's id was already used by an earlier record of the same source",
     "bad_record": "the record lacks a field its format requires, or a field has the wrong type",

@@ -186,6 +186,17 @@ class VPiTDecoderPipeline(DiffusionPipeline):
             base_model=source,
         )
 
+    def check_condition(self, num_tokens: int, width: int, source: str) -> None:
+        """Refuse, with the fix, a source of condition tokens (num_tokens, width) other than what the projector reads
+        (num_visual_tokens, vision_hidden_size), e.g. a 'queries' model's Q condition tokens of width C."""
+        k, dv = self.projector.config["num_visual_tokens"], self.projector.config["vision_hidden_size"]
+        if (num_tokens, width) != (k, dv):
+            raise ValueError(
+                f"{source} makes condition tokens of shape ({num_tokens}, {width}) but this decoder's projector reads "
+                f"({k}, {dv}) (num_visual_tokens, vision_hidden_size): pair it with a decoder built for that size, "
+                f"or set the model's num_queries / condition_size to ({k}, {dv})"
+            )
+
     # ------------------------------------------------------------------------------------------ inference
 
     @torch.no_grad()

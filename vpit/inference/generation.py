@@ -14,6 +14,11 @@ State machine, per row (the token in brackets is what the step records in `seque
             -> TEXT
     DONE    pad, with attention mask 0; the loop ends when every row is DONE or after max_new_tokens steps
 
+In the 'queries' generation mode (`VPiTConfig.generation_mode`) VISUAL runs Q steps whose inputs are the learned
+queries in order, and the step after each records the final hidden state at that query; once the loop ends, the
+connector turns each image's Q states into its (Q, C) condition tokens (`VPiTForCausalLM.conditions`), which is
+what `images` holds (an image cut short by max_new_tokens is dropped: the connector needs all Q states).
+
 A prompt that ends with <image_start> starts its row in VISUAL; the logits of a VISUAL or END step are not used.
 In TEXT the slot token is never sampled, and <image_start> is barred once a row started `max_images_per_row` images.
 h_last is the final hidden state of the newest position, `hidden_states[-1][:, -1]`, i.e. the LM head's input:
@@ -440,7 +445,8 @@ def generate(
             f"a streamer takes one row, as transformers' streamers do; got a batch of {input_ids.shape[0]}"
         )
     start_id, end_id, slot_id = model.image_token_ids()
-    k = model.config.num_visual_tokens
+    k = model.image_slots  # slots of a generated image: K visual tokens, or Q queries
+    queries = model.makes_queries
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     embed_tokens = model.get_input_embeddings()
@@ -468,7 +474,9 @@ def generate(
     sequences = input_ids  # (B, T')
     step_embeds = inputs_embeds  # (B, T, H) for the prefill, then (B, 1, H)
     all_embeds = inputs_embeds  # (B, T', H), kept only without a cache
-    predicted: list[tuple[int, torch.Tensor]] = []  # (step, ẑ (B, Dv)) for the steps with a visual row
+    predicted: list[tuple[int, torch.Tensor]] = []  # (column, ẑ (B, Dv)) for the steps with a visual row
+    # Queries mode: the hidden state at a query, (column, (B, H)); it is computed by the step after the query is fed.
+    fed_query = torch.zeros(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(input_ids[:, (input_ids[0] != slot_id) & (attention_mask[0] == 1)].cpu())
 
@@ -483,7 +491,10 @@ def generate(
             # Call every module the other processes call (a one-position forward, the head, the bridge), record
             # nothing, until all of them are done.
             _, idle = model.run_language_model(inputs_embeds=step_embeds[:, -1:], use_cache=False, **llm_kwargs)
-            model.bridge_tokens(model.predict_visual(idle[:, -1], **visual_kwargs).to(step_embeds.dtype))
+            if queries:
+                model.query_embeddings(1)
+            else:
+                model.bridge_tokens(model.predict_visual(idle[:, -1], **visual_kwargs).to(step_embeds.dtype))
             if _all_done(True, device):
                 break
             continue
@@ -505,6 +516,8 @@ def generate(
             **llm_kwargs,
         )
         h_last = hidden[:, -1]  # (B, H), the LM head's input at the newest position
+        if queries and bool(fed_query.any()):
+            predicted.append((step - 1, h_last))  # the state at the query fed by the previous step
 
         visual = (visual_left > 0) & ~done  # (B,)
         text = ~(visual | end_pending | done)
@@ -515,7 +528,11 @@ def generate(
         tokens = torch.where(end_pending, end_id, tokens)
         tokens = torch.where(visual, slot_id, tokens)
         next_embeds = embed_tokens(tokens)  # (B, H)
-        if bool(visual.any()) or synced_gpus:  # synced: the head and bridge run on every process at every step
+        if queries and (bool(visual.any()) or synced_gpus):  # the row's next query, in order
+            index = (k - visual_left).clamp(0, k - 1)  # (B,)
+            fed = model.connector(index=index).to(next_embeds.dtype)  # type: ignore[misc]  # (B, H)
+            next_embeds = torch.where(visual[:, None], fed, next_embeds)
+        elif bool(visual.any()) or synced_gpus:  # synced: the head and bridge run on every process at every step
             z_hat = model.predict_visual(h_last, **visual_kwargs)  # (B, Dv)
             bridged = model.bridge_tokens(z_hat.to(next_embeds.dtype)).to(next_embeds.dtype)  # (B, H)
             next_embeds = torch.where(visual[:, None], bridged, next_embeds)  # (B, H)
@@ -529,6 +546,7 @@ def generate(
         if streamer is not None and not bool(visual[0] | done[0]):
             streamer.put(tokens[:1].cpu())
 
+        fed_query = visual & queries
         visual_left = visual_left - visual.long()
         end_pending = visual & (visual_left == 0)
         started = text & (tokens == start_id)
@@ -550,10 +568,15 @@ def generate(
     if streamer is not None:
         streamer.end()
     new_tokens = sequences.shape[1] - prompt_length
-    z_all = h_last.new_zeros(batch, new_tokens, model.vision_tower.hidden_size)  # (B, N, Dv)
-    for step, z_hat in predicted:
-        z_all[:, step] = z_hat.to(z_all.dtype)
+    width = h_last.shape[-1] if queries else model.vision_tower.hidden_size
+    z_all = h_last.new_zeros(batch, new_tokens, width)  # (B, N, Dv), or the query states (B, N, H)
+    for column, z_hat in predicted:
+        z_all[:, column] = z_hat.to(z_all.dtype)
     images, partial = _split_images(sequences, z_all, prompt_length, slot_id, k)
+    if queries:
+        # A row cut off right after its last query never computed that query's state: its image is incomplete.
+        images = [row[:-1] if bool(cut) else row for row, cut in zip(images, fed_query.tolist(), strict=True)]
+        images, partial = _connect(model, images, synced_gpus), [None] * batch
     return _output(
         sequences=sequences,
         attention_mask=attention_mask,
@@ -562,6 +585,18 @@ def generate(
         num_new_tokens=num_new,
         finished=done,
     )
+
+
+def _connect(model: VPiTForCausalLM, states: list[list[torch.Tensor]], synced: bool) -> list[list[torch.Tensor]]:
+    """Queries mode: per row, each image's (Q, H) query states -> its (Q, C) condition tokens, every image of the
+    batch through the connector at once (synced: on a dummy too when this process made none)."""
+    flat = [s for row in states for s in row]
+    if not flat:
+        if synced:
+            model.conditions(model.query_embeddings(1)[None])
+        return [[] for _ in states]
+    conditions = list(model.conditions(torch.stack(flat)).unbind(0))  # M x (Q, C)
+    return [[conditions.pop(0) for _ in row] for row in states]
 
 
 def _all_done(done_here: bool, device: torch.device) -> bool:
@@ -622,6 +657,11 @@ def generate_no_cache(
             "visual_guidance_scale": visual_guidance_scale,
         },
     )
+    if model.makes_queries:
+        raise ValueError(
+            "generate_no_cache is the reference of the 'tokens' generation mode; a 'queries' model's reference is "
+            "VPiTForCausalLM.query_forward on the whole sequence (or generate(use_cache=False))"
+        )
     input_ids, attention_mask, _ = _check_prompt(model, input_ids, attention_mask)
     _, _, slot_id = model.image_token_ids()
     k = model.config.num_visual_tokens

@@ -139,8 +139,8 @@ class VPiTPipeline:
     Args:
         model: the VPiT model.
         processor: its processor (tokenizer with chat template, image transform).
-        decoder: a `VPiTDecoderPipeline` for the model's visual tokens (same K and Dv); None: answers carry the
-            visual tokens of their images but no pixels.
+        decoder: a `VPiTDecoderPipeline` for the model's visual tokens (same K and Dv; a 'queries' model's: its
+            Q condition tokens of width C); None: answers carry the tokens of their images but no pixels.
 
     Example:
         >>> pipe = VPiTPipeline.from_pretrained("out/vpit", decoder="out/decoder")
@@ -154,14 +154,8 @@ class VPiTPipeline:
     ) -> None:
         processor.check_config(model.config)
         if decoder is not None:
-            projector = decoder.projector.config
-            expected = (model.config.num_visual_tokens, model.vision_tower.hidden_size)
-            found = (projector["num_visual_tokens"], projector["vision_hidden_size"])
-            if found != expected:
-                raise ValueError(
-                    f"the decoder reads K={found[0]} visual tokens of width Dv={found[1]} but the model predicts "
-                    f"K={expected[0]} of width Dv={expected[1]}; pass the decoder trained for this model's encoder"
-                )
+            what = "the model (its 'queries' mode's condition)" if model.makes_queries else "the model"
+            decoder.check_condition(model.image_slots, model.condition_size, what)
         self.model = model
         self.processor = processor
         self.decoder = decoder
@@ -399,6 +393,11 @@ class VPiTPipeline:
         tokens = []
         for image in images:
             if isinstance(image, torch.Tensor):
+                if self.model.makes_queries:
+                    raise ValueError(
+                        "a 'queries' model reads earlier generated images back as pictures, not as tokens: give the "
+                        "pipeline a decoder, so that the conversation's history holds the decoded images"
+                    )
                 if tuple(image.shape) != (k, dv):
                     raise ValueError(
                         f"a generated image's visual tokens must be (K, Dv) = ({k}, {dv}), got {tuple(image.shape)}"
@@ -455,6 +454,9 @@ class VPiTPipeline:
             new = out.sequences[row, prompt_width : prompt_width + int(out.num_new_tokens[row])].tolist()
             text = self.answer_text(new)
             images = [z.detach().cpu() for z in out.images[row]]
+            # A 'queries' model reads its own images back as pictures (its condition tokens are no encoder tokens).
+            decoded = self.model.makes_queries and self.decoder is not None
+            history: list[ConversationImage] = list(pixels[row]) if decoded else list(images)
             outputs.append(
                 VPiTPipelineOutput(
                     text=text,
@@ -463,7 +465,7 @@ class VPiTPipeline:
                     sequences=sequence,
                     prompt_length=prompt_length,
                     finished=bool(out.finished[row]),
-                    conversation=conversation.extended("assistant", text.strip(), images),
+                    conversation=conversation.extended("assistant", text.strip(), history),
                 )
             )
         return outputs

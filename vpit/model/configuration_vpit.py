@@ -5,6 +5,7 @@ Glossary of dimension letters used across vpit:
     H  LLM hidden size            Dv vision-encoder feature size
     N  patch tokens per image     K  visual tokens per image (pooled, a square: k x k)
     I  images in a batch          V  vocabulary size
+    Q  learned queries per image  C  condition-token width (the 'queries' generation mode)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .adapters import SAMPLING_HEADS, check_bridge, check_visual_head
+from .connector import GENERATION_MODES, connector_options
 from .losses import VISUAL_LOSSES
 from .resamplers import RESAMPLERS, resampler_options
 
@@ -154,6 +156,39 @@ class VPiTConfig(PreTrainedConfig):
             "each prompt image's slots see each other, text and response images stay causal)."
         },
     )
+    generation_mode: str = field(
+        default="tokens",
+        metadata={
+            "help": "How a response image is made: 'tokens' (MetaMorph: the visual head predicts the K encoder "
+            "tokens, which the decoder turns into pixels), or 'queries' (MetaQuery, NExT-GPT: N learned queries "
+            "follow <image_start>, and a connector turns the LLM's hidden states at them into the decoder's "
+            "condition; trained end to end through the diffusion loss by the `queries` stage)."
+        },
+    )
+    num_queries: int = field(
+        default=64,
+        metadata={
+            "help": "Q, the learned queries of the 'queries' generation mode (the slots of each image it makes)."
+        },
+    )
+    connector: str = field(
+        default="transformer",
+        metadata={
+            "help": "The 'queries' mode's connector from the query states to the decoder's condition: 'mlp' or "
+            "'transformer' (vpit.model.connector)."
+        },
+    )
+    connector_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "The connector's sizes (vpit.model.connector.CONNECTOR_DEFAULTS): width, depth, heads."},
+    )
+    condition_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "C, the width of the 'queries' mode's condition tokens (what the decoder's projector reads); "
+            "None: the vision encoder's width Dv."
+        },
+    )
     visual_head: str = field(
         default="mlp",
         metadata={
@@ -249,6 +284,14 @@ class VPiTConfig(PreTrainedConfig):
             raise ValueError(f"bridge_options apply to the resamplers {list(RESAMPLERS)}; {self.bridge!r} takes none")
         if self.bridge in RESAMPLERS:
             resampler_options(self.bridge, self.bridge_options)  # unknown keys, bad sizes fail here
+        _one_of("generation_mode", self.generation_mode, GENERATION_MODES)
+        connector_options(self.connector, self.connector_options)  # unknown connector or keys, bad sizes fail here
+        for name in ("num_queries", "condition_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.generation_mode == "queries" and self.visual_target == "discrete":
+            raise ValueError("the 'queries' generation mode makes images through its connector; it has no codes")
         check_visual_head(self.visual_head)
         if self.visual_head in SAMPLING_HEADS and self.visual_loss != "cosine":
             raise ValueError(
@@ -299,6 +342,7 @@ class VPiTConfig(PreTrainedConfig):
 
 
 __all__ = [
+    "GENERATION_MODES",
     "IMAGE_ATTENTION",
     "POOLING_MODES",
     "VISION_BACKENDS",

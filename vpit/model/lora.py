@@ -16,7 +16,7 @@ from torch import nn
 
 from .modeling_vpit import VPiTForCausalLM
 
-MODULES_TO_SAVE = ["bridge", "visual_head"]  # and a resampling model's token_bridge
+MODULES_TO_SAVE = ["bridge", "visual_head"]  # and a resampling model's token_bridge, a queries model's connector
 
 
 def lora_target_modules(model: VPiTForCausalLM, names: Sequence[str] | None = None) -> str:
@@ -79,7 +79,11 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=lora_target_modules(model, target_modules),
-        modules_to_save=[*MODULES_TO_SAVE, *(["token_bridge"] if model.resamples else [])],
+        modules_to_save=[
+            *MODULES_TO_SAVE,
+            *(["token_bridge"] if model.resamples else []),
+            *(["connector"] if model.makes_queries else []),
+        ],
         trainable_token_indices=token_indices,
     )
     return get_peft_model(model, config)

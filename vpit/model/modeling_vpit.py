@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 from .adapters import VisualHead, build_bridge, build_visual_head
 from .codebook import nearest_codes
 from .configuration_vpit import VISUAL_CODE_TOKEN, VPiTConfig
+from .connector import QueryConnector
 from .diffusion_head import DiffusionHead
 from .losses import (
     IGNORE_INDEX,
@@ -147,12 +148,14 @@ class VPiTPreTrainedModel(PreTrainedModel):
         # The LLM (a PreTrainedModel) and an HF vision tower are initialised by their own `_init_weights`; an
         # open_clip tower initialises itself when built. Only the Linear layers of the bridge and visual head are ours:
         # N(0, initializer_range) weights and zero biases, as transformers initialises its own projectors.
-        adapters = [getattr(self, name, None) for name in ("bridge", "token_bridge", "visual_head")]
+        adapters = [getattr(self, name, None) for name in ("bridge", "token_bridge", "visual_head", "connector")]
         ours = {id(m) for part in adapters if part is not None for m in part.modules()}
         if isinstance(module, nn.Linear) and id(module) in ours:
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        if isinstance(module, QueryConnector):  # the queries start among the LLM's own input embeddings
+            module.init_queries(_weight(self.get_input_embeddings()))
         if isinstance(module, DiffusionHead):  # `apply` reaches it after its layers: adaLN-Zero over the N(0, std)
             for layer in module.zero_initialised():
                 init.zeros_(layer.weight)
@@ -215,6 +218,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         else:
             self.visual_head = build_visual_head(config.visual_head, hidden, vision, config.visual_head_options)
             self._no_split_modules = [*split, type(self.visual_head).__name__]
+        # The 'queries' generation mode: Q learned queries and the connector to the decoder's condition.
+        self.connector: QueryConnector | None = None
+        if config.generation_mode == "queries":
+            self.connector = self._build_connector()
+            self._no_split_modules = [*self._no_split_modules, "QueryConnector"]
         self.post_init()
         # transformers 5 initialises weights in `from_pretrained` (for missing keys) or `init_weights()`, not in
         # `post_init`: the new bridge and head are initialised here (loaded weights are flagged and left alone).
@@ -287,8 +295,90 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         self.language_model.set_output_embeddings(new_embeddings)
 
     def adapters(self) -> list[nn.Module]:
-        """The trained modules around the LLM: the bridge, the token-wise bridge of a resampling model, the head."""
-        return [m for m in (self.bridge, self.token_bridge, self.visual_head) if m is not None]
+        """The trained modules around the LLM: the bridge, the token-wise bridge of a resampling model, the head,
+        the queries mode's connector."""
+        return [m for m in (self.bridge, self.token_bridge, self.visual_head, self.connector) if m is not None]
+
+    # ------------------------------------------------------------------------------------ queries mode
+
+    def _build_connector(self) -> QueryConnector:
+        config = self.config
+        return QueryConnector(
+            config.connector,
+            config.get_text_config().hidden_size,
+            config.condition_size or self.vision_tower.hidden_size,
+            config.num_queries,
+            config.connector_options,
+        )
+
+    @property
+    def makes_queries(self) -> bool:
+        """Whether images are made through learned queries and the connector (`generation_mode` 'queries')."""
+        return self.connector is not None
+
+    @property
+    def image_slots(self) -> int:
+        """Slots of an image this model generates: Q queries in the 'queries' mode, else K visual tokens."""
+        return self.config.num_queries if self.makes_queries else self.config.num_visual_tokens
+
+    @property
+    def condition_size(self) -> int:
+        """The width of a generated image's tokens: C in the 'queries' mode, else the encoder's Dv."""
+        if self.connector is not None:
+            return int(self.connector.proj_out.out_features)
+        return int(self.vision_tower.hidden_size)
+
+    def add_queries(
+        self,
+        num_queries: int = 64,
+        connector: str = "transformer",
+        connector_options: dict[str, Any] | None = None,
+        condition_size: int | None = None,
+    ) -> QueryConnector:
+        """Switch to the 'queries' generation mode (MetaQuery): add Q learned queries, started among the input
+        embeddings, and a freshly initialised connector to condition tokens of width `condition_size` (None: the
+        encoder's Dv), and record them in the config. What the `queries` stage does to a bridge- or VPiT-stage model.
+
+        Raises:
+            ValueError: when the model already makes images through queries, or on a bad setting.
+        """
+        if self.makes_queries:
+            raise ValueError("this model is in the 'queries' generation mode already; its connector is trained")
+        settings = {
+            "generation_mode": "queries",
+            "num_queries": num_queries,
+            "connector": connector,
+            "connector_options": connector_options,
+            "condition_size": condition_size,
+        }
+        previous = {key: getattr(self.config, key) for key in settings}
+        for key, value in settings.items():
+            setattr(self.config, key, value)
+        try:
+            self.config._check()
+        except ValueError:
+            for key, value in previous.items():
+                setattr(self.config, key, value)
+            raise
+        built = self._build_connector()
+        device = _weight(self.get_input_embeddings()).device
+        self.connector = built.to(device=device, dtype=self.dtype)
+        self._no_split_modules = [*self._no_split_modules, "QueryConnector"]
+        self.connector.apply(self._init_weights)
+        return self.connector
+
+    def query_embeddings(self, count: int) -> torch.Tensor:
+        """(count * Q, H): the queries, once per image, in the order their slots are filled."""
+        assert self.connector is not None, "the 'queries' generation mode only"
+        device = _weight(self.get_input_embeddings()).device
+        return self.connector(index=torch.arange(self.config.num_queries, device=device).repeat(count))
+
+    def conditions(self, query_states: torch.Tensor) -> torch.Tensor:
+        """(.., Q, H) final hidden states at an image's queries -> (.., Q, C) condition tokens for the decoder,
+        L2-normalised per token when the encoder's tokens are (so a decoder trained on those reads them alike)."""
+        assert self.connector is not None, "the 'queries' generation mode only"
+        tokens = self.connector(query_states)
+        return F.normalize(tokens, dim=-1) if self.config.normalize_visual_tokens else tokens
 
     @property
     def resamples(self) -> bool:
@@ -431,6 +521,7 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         visual_tokens_given: torch.Tensor | None = None,
         response_slots: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        query_slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with the bridged images spliced into the image slots.
 
@@ -446,6 +537,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
                 resampling model through its token-wise bridge (as generation feeds them back).
             labels: (B, T), a `qformer_instruct` bridge's: an image's instruction is the text after it up to the
                 first labelled token (in generation, without labels: to the end of the prompt).
+            query_slots: (B, T) bool, the 'queries' mode's: the slots of the images to make, Q per image, which hold
+                the learned queries (not an image's tokens; they count for no image).
 
         Returns:
             inputs_embeds (B, T, H) and the visual tokens z (I, K, Dv) (None when there are no images); z is the
@@ -458,6 +551,11 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         embed_tokens = self.get_input_embeddings()
         inputs_embeds = embed_tokens(input_ids)  # (B, T, H)
         slot_mask = input_ids == slot_id  # (B, T)
+        if query_slots is not None:
+            query_slots = query_slots.to(slot_mask.device)
+            if bool((query_slots & ~slot_mask).any()):
+                raise ValueError("query_slots marks positions that are not image slots")
+            slot_mask = slot_mask & ~query_slots
         partitioned = self.is_partitioned()
         pixels = pixel_values if pixel_values is not None and pixel_values.shape[0] > 0 else None
         patches = None  # (I', N, Dv), a resampling model's: the patch tokens of the images encoded from pixels
@@ -507,6 +605,13 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             if self.resamples:
                 bridged = bridged + self._idle_resampler(inputs_embeds)
             inputs_embeds = inputs_embeds + 0.0 * bridged.sum().to(inputs_embeds.dtype)
+        if query_slots is not None and bool(query_slots.any()):
+            q = self.config.num_queries
+            count = int(query_slots.sum())
+            if count % q:
+                raise ValueError(f"query_slots marks {count} slots, not a multiple of num_queries={q}")
+            queries = self.query_embeddings(count // q).to(inputs_embeds.dtype)  # (count, H)
+            inputs_embeds = inputs_embeds.masked_scatter(query_slots.unsqueeze(-1).expand_as(inputs_embeds), queries)
         return inputs_embeds, visual_tokens
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -780,6 +885,53 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             attentions=getattr(outputs, "attentions", None),
         )
 
+    def query_forward(
+        self,
+        input_ids: torch.LongTensor,
+        query_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+        visual_tokens_given: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The 'queries' mode's forward (what the `queries` stage trains): the LLM reads the prompt (its images
+        through the bridge) and, at each image to make, the Q learned queries; the connector turns the final hidden
+        states at the queries into the decoder's condition tokens.
+
+        Args:
+            input_ids: (B, T) with Q `image_token_id` slots per image to make (marked by `query_mask`) and K per
+                prompt image, whose pixels (`pixel_values`) or tokens (`visual_tokens`) are given in slot order.
+            query_mask: (B, T) bool, the slots of the images to make.
+            labels: (B, T), optional: the answer's text around the images (e.g. a lead-in sentence and
+                `<image_start>`), -100 elsewhere, for the text CE (over `num_items_in_batch` labelled tokens).
+
+        Returns:
+            conditions (M, Q, C) for the M images to make in row-major order, and the text CE (None without labels).
+        """
+        if not self.makes_queries:
+            raise ValueError("query_forward is the 'queries' generation mode's; add_queries() switches a model to it")
+        inputs_embeds, _ = self.embed(
+            input_ids, pixel_values, visual_tokens, visual_tokens_given, labels=labels, query_slots=query_mask
+        )
+        mask = self.llm_attention_mask(input_ids, inputs_embeds, attention_mask, position_ids, None, query_mask)
+        positions = labelled_positions(labels) if labels is not None else None  # (P,)
+        kwargs: dict[str, Any] = {}
+        if positions is not None and self.keeps_some_logits():
+            kwargs["logits_to_keep"] = positions
+        outputs, hidden = self.run_language_model(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs
+        )
+        states = hidden[query_mask.to(hidden.device)]  # (M * Q, H)
+        conditions = self.conditions(states.view(-1, self.config.num_queries, states.shape[-1]))  # (M, Q, C)
+        t_loss = None
+        if labels is not None and positions is not None:
+            logits = outputs.logits if "logits_to_keep" in kwargs else outputs.logits[:, positions]
+            t_loss = text_loss(logits, labels, num_items_in_batch, positions)
+        return conditions, t_loss
+
     def uses_fused_cross_entropy(self, device: torch.device, needs_logits: bool = False) -> bool:
         """Whether the training loss goes through Liger's fused linear cross-entropy (`fused_text_loss`): asked for
         (`fused_cross_entropy` True, or None and it can run) on a CUDA device with liger-kernel installed, an LM
@@ -843,8 +995,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
 
         _, _, slot_id = self.image_token_ids()
         slots = input_ids == slot_id  # (B, T)
-        image = torch.div(slots.long().cumsum(-1) - 1, self.config.num_visual_tokens, rounding_mode="floor")
         prompt = slots if response_slots is None else slots & ~response_slots.to(slots.device)
+        image = torch.div(prompt.long().cumsum(-1) - 1, self.config.num_visual_tokens, rounding_mode="floor")
         blocks = torch.where(prompt, image, -1)  # (B, T): each prompt image's slots one block, -1 elsewhere
         if not bool(prompt.any()):
             return attention_mask

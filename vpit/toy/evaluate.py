@@ -12,6 +12,8 @@ Three measurements, all on fresh seeded renders (a seed stream of their own, dis
   counts as wrong on every attribute. The same replies are also scored in token space, without the decoder: the
   composition whose prototype (the mean encoder tokens of a few renders of it) is nearest in cosine to the
   predicted tokens. The gap between the two tells the language model's share of the errors from the decoder's.
+- editing: a render and "Make it {colour}." or "Move it {where}." (the editing card's instructions) -> the edited
+  image, judged against the intended object (all four attributes).
 - reconstruction: render -> the decoder's vision encoder -> visual tokens -> the decoder -> the judge, on every
   composition.
 
@@ -47,6 +49,7 @@ from .world import (
     QUESTIONS,
     ToyObject,
     compositions,
+    edit,
     jittered,
     render,
 )
@@ -91,6 +94,7 @@ class EvalSettings:
     grid_examples: int = 12
     prototype_renders: int = 4  # renders per composition averaged into its token-space prototype
     modes: tuple[str, ...] = ()  # other PROMPT_MODES judged too (each composition once), beside "plain"
+    edits: int = 90  # editing prompts ("<image> Make it {colour}." / "Move it {where}.") judged; 0: none
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -159,7 +163,7 @@ def _generate_images(
     for i, batch in enumerate(_batches(prompts, settings.batch_size)):
         outputs = pipe(
             list(batch),
-            max_new_tokens=64 + pipe.model.config.num_visual_tokens,
+            max_new_tokens=64 + pipe.model.image_slots,
             max_images_per_row=1,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
@@ -218,7 +222,10 @@ def evaluate_generation(
     ]
     prompts, start_with_image = mode_prompts(mode, objects, rng)
     images, tokens = _generate_images(pipe, prompts, settings, f"eval: generation ({mode})", progress, start_with_image)
-    prototype_objects, prototypes = composition_prototypes(pipe, settings.prototype_renders, settings.seed)
+    # Token space scores predicted encoder tokens; a 'queries' model's condition tokens are not encoder tokens.
+    scored = not pipe.model.makes_queries
+    if scored:
+        prototype_objects, prototypes = composition_prototypes(pipe, settings.prototype_renders, settings.seed)
     wrong = dict.fromkeys((*ATTRIBUTES, "all"), False)
     flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
     token_flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
@@ -227,13 +234,45 @@ def evaluate_generation(
         split = "held_out" if obj.held_out else "in_distribution"
         match = judge(image).matches(obj) if image is not None else wrong
         flags[split].append(match)
-        nearest = None if predicted is None else nearest_composition(predicted, prototype_objects, prototypes)
-        token_flags[split].append(wrong if nearest is None else _same(nearest, obj))
+        if scored:
+            nearest = None if predicted is None else nearest_composition(predicted, prototype_objects, prototypes)
+            token_flags[split].append(wrong if nearest is None else _same(nearest, obj))
         examples.append((obj, prompt, image, match["all"]))
     result: dict[str, Any] = {split: _accuracy(f) for split, f in flags.items()}
-    result["tokens"] = {split: _accuracy(f) for split, f in token_flags.items()}
+    if scored:
+        result["tokens"] = {split: _accuracy(f) for split, f in token_flags.items()}
     result["no_image"] = sum(image is None for image in images)
     return result, examples
+
+
+def evaluate_editing(pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+    """Edits as the editing card asks them (`<image> Make it {colour}.` / `<image> Move it {where}.` on a render):
+    the edited image judged against the intended object, all four attributes, over `settings.edits` prompts."""
+    rng = random.Random(f"eval-editing:{settings.seed}")
+    cases = []
+    for _ in range(settings.edits):
+        before = jittered(rng, *rng.choice(compositions()))
+        instruction, after = edit(rng, before)
+        cases.append((render(before), f"{pipe.processor.image_token} {instruction}", after))
+    flags, missing = [], 0
+    bar = tqdm(total=len(cases), desc="eval: editing", disable=not progress)
+    for i, batch in enumerate(_batches(cases, settings.batch_size)):
+        outputs = pipe(
+            [prompt for _, prompt, _ in batch],
+            images=[image for image, _, _ in batch],
+            max_new_tokens=16 + pipe.model.image_slots,
+            max_images_per_row=1,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            seed=settings.seed + i,
+        )
+        for (_, _, after), output in zip(batch, outputs, strict=True):
+            missing += not output.images
+            wrong = dict.fromkeys((*ATTRIBUTES, "all"), False)
+            flags.append(judge(output.images[0]).matches(after) if output.images else wrong)
+        bar.update(len(batch))
+    bar.close()
+    return _accuracy(flags) | {"no_image": missing}
 
 
 def _same(found: ToyObject, expected: ToyObject) -> dict[str, bool]:
@@ -343,6 +382,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"| generation, all four right, held-out compositions (n={int(g['held_out']['n'])}) "
         f"| {_pct_ci(g['held_out'])} | >= {_pct(TARGETS['generation_held_out'])} |",
         f"| reconstruction, all four right (n={int(r['n'])}) | {_pct_ci(r)} | >= {_pct(TARGETS['reconstruction'])} |",
+        *([f"| editing, all four right (n={int(e['n'])}) | {_pct_ci(e)} | |"] if (e := report.get("editing")) else []),
         "",
         "Understanding per question type: "
         + ", ".join(f"{kind} {_pct(acc)}" for kind, acc in u["per_type"].items())
@@ -418,6 +458,7 @@ def evaluate_toy(
             "no_image": result["no_image"]
         }
     generation["modes"] = modes
+    editing = evaluate_editing(pipe, settings, progress) if settings.edits else None
     reconstruction, pairs = evaluate_reconstruction(pipe, settings, progress)
     report: dict[str, Any] = {
         "model": str(model_dir),
@@ -425,6 +466,7 @@ def evaluate_toy(
         "settings": vars(settings),
         "understanding": understanding,
         "generation": generation,
+        "editing": editing,
         "reconstruction": reconstruction,
         "targets": TARGETS,
         "seconds": time.perf_counter() - start,

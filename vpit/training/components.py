@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ..data.cards import parse_mixture
 from ..data.collator import VPiTCollator
 from ..data.dataset import SkipLog, VPiTBatches, VPiTDataset
 from ..data.features import open_feature_caches
+from ..data.records import Sample
 from ..model.assembly import assemble
 from ..model.lora import apply_image_token_rows, apply_lora
 from ..model.modeling_vpit import VPiTForCausalLM, full_shape
@@ -138,6 +140,9 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
                 if getattr(spec, key) is not None  # unset: VPiTConfig's default
             },
         )
+    queries = getattr(recipe, "queries", None)  # the queries stage's section
+    if queries is not None:
+        enable_queries(model, queries, str(spec.pretrained))
     model.fused_cross_entropy = recipe.train.fused_cross_entropy
     model.z_loss_weight = recipe.train.z_loss
     if recipe.train.gradient_checkpointing:
@@ -149,6 +154,24 @@ def build_model(recipe: InstructionRecipe) -> tuple[nn.Module, VPiTProcessor]:
         )
         return wrapped, processor
     return freeze(model, recipe), processor
+
+
+def enable_queries(model: VPiTForCausalLM, section: Any, where: str) -> None:
+    """Put the model in the 'queries' generation mode with the recipe's queries and connector (`add_queries`), or,
+    for a model saved in that mode, check that the recipe agrees with it."""
+    wanted = {key: getattr(section, key) for key in ("num_queries", "connector", "connector_options", "condition_size")}
+    if not model.makes_queries:
+        model.add_queries(**wanted)
+        return
+    differ = {key: (getattr(model.config, key), value) for key, value in wanted.items()
+              if getattr(model.config, key) != value}  # fmt: skip
+    if differ:
+        saved = ", ".join(f"{key}={old!r}" for key, (old, _) in differ.items())
+        given = ", ".join(f"{key}={new!r}" for key, (_, new) in differ.items())
+        raise ValueError(
+            f"{where} makes images through queries with {saved}, but the recipe's queries section says {given}; "
+            "the saved folder is the home of its architecture: make the recipe agree with it"
+        )
 
 
 def freeze(model: VPiTForCausalLM, recipe: InstructionRecipe) -> nn.Module:
@@ -176,7 +199,8 @@ def freeze(model: VPiTForCausalLM, recipe: InstructionRecipe) -> nn.Module:
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
-    """AdamW groups: LLM / bridge / visual head learning rates; no weight decay on biases, norms, embeddings."""
+    """AdamW groups: LLM / bridge / visual head learning rates (the queries mode's connector and queries train at
+    the bridge's); no weight decay on biases, norms, embeddings (the queries are one)."""
     optim = recipe.optim
     bridge_lr = optim.bridge_lr if optim.bridge_lr is not None else optim.lr
     head_lr = optim.visual_head_lr if optim.visual_head_lr is not None else bridge_lr
@@ -187,7 +211,7 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         parts = name.split(".")
-        bridge = "bridge" in parts or "token_bridge" in parts
+        bridge = "bridge" in parts or "token_bridge" in parts or "connector" in parts  # adapters: the bridge's lr
         part = "bridge" if bridge else "visual_head" if "visual_head" in parts else "llm"
         rows = "trainable_tokens" in name  # token rows are embedding rows: no decay, as for the embedding
         decay = len(full_shape(param)) >= 2 and id(param) not in no_decay_params and not rows
@@ -223,19 +247,22 @@ def build_batches(
     start_batch: int = 0,
     base: Path | None = None,
     encoder_fingerprint: str | None = None,
+    encode: Callable[[Sample], dict[str, Any]] | None = None,
 ) -> DataLoader:
     """This rank's DataLoader of collated batches from the recipe's mixture (see `VPiTBatches`). With the model's
     `encoder_fingerprint`, a card whose encoder tokens were cached for it (`vpit data cache-features`) has them read
-    instead of its images (unless `data.use_features` is false)."""
+    instead of its images (unless `data.use_features` is false). `encode` replaces the processor's own encoding of
+    a sample (e.g. the queries stage's `encode_query_sample`); it reads images, never a feature cache."""
     entries = parse_mixture(data.mixture)
     cards = [entry.load(base) for entry in entries]
-    features = open_feature_caches(cards, encoder_fingerprint if data.use_features else None, data.use_sample)
+    fingerprint = encoder_fingerprint if data.use_features and encode is None else None
+    features = open_feature_caches(cards, fingerprint, data.use_sample)
     for card, cache in zip(cards, features, strict=True):
         if cache is not None and rank == 0:
             print(f"[vpit] {card.name}: encoder tokens of {len(cache)} images read from {cache.folder}")
     dataset = VPiTDataset(
         cards,
-        processor,
+        processor if encode is None else None,
         weights=[e.weight for e in entries],
         caps=[e.cap for e in entries],
         seed=data.seed,
@@ -245,6 +272,7 @@ def build_batches(
         skip_log=SkipLog(run_dir / "skipped.jsonl", data.max_skip_rate, data.min_records_for_skip_rate),
         use_sample=data.use_sample,
         features=features,
+        encode=encode,
     )
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # Llama 3: no pad

@@ -5,7 +5,7 @@
 A recipe can start from another (`base: vpit.yaml`, relative to its folder) and state only what it changes.
 
 `stage` picks the recipe class (`RECIPES`): `bridge` and `vpit` read an `InstructionRecipe`, `decoder` a
-`DecoderRecipe`. Every section and key is a dataclass field with a default and help text; unknown keys, and
+`DecoderRecipe`, `queries` a `QueriesRecipe`. Every section and key is a dataclass field with a default and help text; unknown keys, and
 sections the stage does not use, are errors (a typo never silently trains with a default, and a `lora:` section
 never sits ignored in a decoder recipe). The resolved recipe is written into every checkpoint and the final folder.
 """
@@ -13,6 +13,7 @@ never sits ignored in a decoder recipe). The resolved recipe is written into eve
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,11 +421,47 @@ class DecoderSection:
             )
 
 
+@dataclass
+class QueriesSection:
+    """The 'queries' generation mode (stage `queries`, MetaQuery / NExT-GPT): Q learned queries after
+    `<image_start>`, a connector from their hidden states to the decoder's condition, trained end to end through
+    the decoder's diffusion loss."""
+
+    num_queries: int = field(default=64, metadata=_help("Q, learned queries per image (MetaQuery: 64-256)"))
+    connector: str = field(default="transformer", metadata=_help("'transformer' (MetaQuery) or 'mlp'"))
+    connector_options: dict[str, Any] | None = field(
+        default=None, metadata=_help("the connector's width, depth, heads (vpit.model.connector.CONNECTOR_DEFAULTS)")
+    )
+    condition_size: int | None = field(
+        default=None,
+        metadata=_help("C, each condition token's width: the decoder projector's input; null: the encoder's Dv"),
+    )
+    text_loss_weight: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of the CE on the answer's text up to and including <image_start> (trains the LLM under LoRA or "
+            "in full, or the image-token rows, to open an image when asked); 0: the diffusion loss alone"
+        ),
+    )
+    train_unet: bool = field(
+        default=True, metadata=_help("train the decoder's UNet with the connector (false: the projector only)")
+    )
+    decoder_lr: float | None = field(
+        default=None, metadata=_help("learning rate of the decoder's UNet and projector; null: optim.lr")
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_queries, bool) or not isinstance(self.num_queries, int) or self.num_queries < 1:
+            raise ValueError(f"queries.num_queries must be a positive int, got {self.num_queries!r}")
+        if not (self.text_loss_weight >= 0 and math.isfinite(self.text_loss_weight)):
+            raise ValueError(f"queries.text_loss_weight must be a finite number >= 0, got {self.text_loss_weight}")
+
+
 @dataclass(kw_only=True)
 class Recipe:
     """The sections every stage has. A stage's own recipe class adds the sections it uses (see `RECIPES`)."""
 
-    stage: str = field(metadata=_help("which stage runs: bridge, vpit or decoder"))
+    stage: str = field(metadata=_help("which stage runs: bridge, vpit, decoder or queries"))
     data: DataSection = field(metadata=_help("the data mixture and batching"))
     optim: OptimSection = field(default_factory=OptimSection, metadata=_help("optimizer and schedule"))
     train: TrainSection = field(default_factory=TrainSection, metadata=_help("length, precision, checkpoints"))
@@ -470,8 +507,33 @@ class DecoderRecipe(Recipe):
     decoder: DecoderSection = field(default_factory=DecoderSection, metadata=_help("the decoder and its training"))
 
 
+@dataclass(kw_only=True)
+class QueriesRecipe(InstructionRecipe):
+    """Stage `queries` (an alternative to `vpit` + `decoder`): the learned queries, the connector and the decoder
+    trained end to end through the diffusion loss, from a bridge- or VPiT-stage model (`model.pretrained`) and a
+    decoder (`decoder.init`); the LLM frozen (`freeze.llm`), LoRA, or full."""
+
+    decoder: DecoderSection = field(default_factory=DecoderSection, metadata=_help("the decoder and its training"))
+    queries: QueriesSection = field(default_factory=QueriesSection, metadata=_help("the queries and the connector"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model.pretrained is None:
+            raise ValueError(
+                "stage 'queries' continues a trained model: set model.pretrained to a bridge- or vpit-stage folder"
+            )
+        if self.decoder.predicted_tokens_from is not None:
+            raise ValueError("decoder.predicted_tokens_from is the decoder stage's; the queries stage trains on the "
+                             "language model's own query states already")  # fmt: skip
+
+
 # stage name -> its recipe class; `vpit.training.stages.STAGES` maps the same names to the code that runs them.
-RECIPES: dict[str, type[Recipe]] = {"bridge": InstructionRecipe, "vpit": InstructionRecipe, "decoder": DecoderRecipe}
+RECIPES: dict[str, type[Recipe]] = {
+    "bridge": InstructionRecipe,
+    "vpit": InstructionRecipe,
+    "decoder": DecoderRecipe,
+    "queries": QueriesRecipe,
+}
 
 
 def check_against_config(section: Any, config: Any, keys: tuple[str, ...], where: str) -> None:

@@ -33,9 +33,10 @@ def train_loop(
     run_dir: Path,
     state: TrainerState,
     evaluate: Callable[[int], dict[str, float]] | None = None,
-    compute_loss: Callable[[dict[str, Any], int], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+    compute_loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
     after_step: Callable[[], None] | None = None,
     checkpoint_extras: tuple[CheckpointExtra, ...] = (),
+    global_loss: bool = False,
 ) -> TrainerState:
     """Train until `recipe.train.max_steps` optimizer steps, starting from `state` (0, or a resumed checkpoint).
 
@@ -47,24 +48,27 @@ def train_loop(
     the global batch's; every log line is also appended to `state.history` (checkpoints, summary, loss curve).
 
     `compute_loss(batch, step) -> (loss, named terms)` replaces the VPiT forward (the decoder stage's: a mean per
-    micro-batch, averaged over micro-batches and processes); `after_step()` runs after each optimizer step (e.g.
+    micro-batch, averaged over micro-batches and processes); with `global_loss`, `compute_loss(batch, step,
+    global_counts)` gets the global batch's (labelled tokens, visual targets) and weighs its terms over them as
+    the VPiT forward does (the queries stage's); `after_step()` runs after each optimizer step (e.g.
     an EMA update); `checkpoint_extras` go into every checkpoint (see `vpit.training.checkpoint`).
     """
     train, accumulation = recipe.train, recipe.optim.gradient_accumulation_steps
     world = accelerator.num_processes
     global_counts = torch.ones(2, dtype=torch.long)  # (labelled tokens, visual targets) of the current global batch
-    weigh_globally = compute_loss is None
-    if compute_loss is None:
+    weigh_globally = compute_loss is None or global_loss
 
-        def compute_loss(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            out = model(
-                **model_inputs(batch),
-                num_items_in_batch=global_counts[0],
-                num_visual_items_in_batch=global_counts[1],
-                return_logits=False,  # the LM head runs only where a label follows
-            )
-            terms = {key: getattr(out, key) for key in LOSS_KEYS if getattr(out, key) is not None}
-            return out.loss * (world * accumulation), terms
+    def vpit_loss(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(
+            **model_inputs(batch),
+            num_items_in_batch=global_counts[0],
+            num_visual_items_in_batch=global_counts[1],
+            return_logits=False,  # the LM head runs only where a label follows
+        )
+        terms = {key: getattr(out, key) for key in LOSS_KEYS if getattr(out, key) is not None}
+        return out.loss * (world * accumulation), terms
+
+    loss_of: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] = compute_loss or vpit_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     progress = tqdm(
@@ -80,7 +84,10 @@ def train_loop(
             global_counts = accelerator.reduce(torch.as_tensor(local).to(accelerator.device), reduction="sum")
         for batch in micro_batches:
             with accelerator.accumulate(model):
-                loss, terms = compute_loss(batch, state.step)
+                if global_loss:
+                    loss, terms = loss_of(batch, state.step, global_counts)
+                else:
+                    loss, terms = loss_of(batch, state.step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, recipe.optim.max_grad_norm)

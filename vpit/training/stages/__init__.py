@@ -2,6 +2,7 @@
 
     bridge, vpit   instruction_tuning  (an `InstructionRecipe`)
     decoder        decoder             (a `DecoderRecipe`)
+    queries        queries             (a `QueriesRecipe`)
 
 `vpit.training.config.RECIPES` maps the same names to their recipe classes; adding a stage is one module, one
 recipe class and one line in each registry.
@@ -19,6 +20,7 @@ STAGES: dict[str, str] = {
     "bridge": "instruction_tuning",
     "vpit": "instruction_tuning",
     "decoder": "decoder",
+    "queries": "queries",
 }
 assert set(STAGES) == set(RECIPES), "every stage needs a recipe class and a runner"
 
