@@ -24,7 +24,7 @@ LAUNCH = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
 def test_recipes_exist_for_every_stage():
     stages = {load_recipe(p).stage for p in RECIPES}
-    assert stages == {"bridge", "vpit", "decoder"}
+    assert stages == {"bridge", "vpit", "decoder", "queries"}
     assert any("examples" in p.parts for p in RECIPES) and any("toy" in p.parts for p in RECIPES)
 
 
@@ -35,6 +35,8 @@ def test_recipe_loads_and_its_cards_exist(path):
         assert (ROOT / entry.card).is_file(), entry.card
     if recipe.stage == "bridge":
         assert recipe.freeze.llm and recipe.freeze.visual_head and not recipe.lora.enabled
+    if recipe.stage == "queries":  # the tokens mode's head is unused: frozen, so no decay shrinks it unseen
+        assert recipe.freeze.visual_head and recipe.train.eval_every == 0
 
 
 @pytest.mark.parametrize("path", LAUNCH, ids=lambda p: p.name)
@@ -63,7 +65,7 @@ def _minimal(**sections):
     ("data", "message"),
     [
         (_minimal(optim={"lrr": 1}), r"optim: unknown keys \['lrr'\]"),
-        (_minimal(stage="pretrain"), r"stage must be one of \['bridge', 'vpit', 'decoder'\]"),
+        (_minimal(stage="pretrain"), r"stage must be one of \['bridge', 'vpit', 'decoder', 'queries'\]"),
         (_minimal(model={"llm": "x", "pretrained": "y"}), "exactly one of `pretrained`"),
         (_minimal(optim={"schedule": "step"}), r"optim.schedule must be one of"),
         (_minimal(train={"mixed_precision": "fp8"}), r"train.mixed_precision must be one of"),
@@ -100,7 +102,7 @@ def test_each_stage_reads_its_own_recipe_class():
     data = {"model": {"pretrained": "f"}, "data": {"mixture": [{"card": "x.yaml"}]}}
     assert type(recipe_from_dict({**data, "stage": "vpit"})) is InstructionRecipe
     assert type(recipe_from_dict({**data, "stage": "decoder"})) is DecoderRecipe
-    with pytest.raises(ValueError, match=r"stage must be one of \['bridge', 'vpit', 'decoder'\], got 'pretrain'"):
+    with pytest.raises(ValueError, match=r"stage must be one of \['bridge', 'vpit', 'decoder', 'queries'\], got 'pretrain'"):
         recipe_from_dict({**data, "stage": "pretrain"})
     with pytest.raises(ValueError, match=r"model: unknown keys \['llm'\]"):  # the decoder reads an encoder only
         recipe_from_dict({"stage": "decoder", "model": {"llm": "x"}, "data": data["data"]})

@@ -43,6 +43,7 @@ pixels.
 | visual tokens per image (K) | {num_visual_tokens} ({pooling} pooling, L2-normalised: {normalize}) |
 | bridge | {bridge} |
 | attention among an input image's tokens | {image_attention} |
+| how images are made | {generation} |
 | visual head | {visual_head} |
 | visual loss | {visual_loss}, weight λ_v {visual_loss_weight} (text CE: λ_t {text_loss_weight}) |
 {extra_rows}
@@ -146,6 +147,18 @@ def _vision_hub_id(vision: dict[str, Any]) -> str | None:
     return _hub_id(vision.get("model_name"))
 
 
+def _generation_row(config: dict[str, Any]) -> str:
+    """The generation mode: predicted visual tokens, or learned queries through a connector (their sizes)."""
+    if config.get("generation_mode", "tokens") != "queries":
+        return "tokens: the visual head predicts the K encoder tokens, which the decoder turns into pixels"
+    options = ", ".join(f"{k} {v}" for k, v in (config.get("connector_options") or {}).items())
+    connector = f"{config.get('connector')}{f' ({options})' if options else ''}"
+    return (
+        f"queries: {config.get('num_queries')} learned queries after <image_start>, their hidden states through a "
+        f"{connector} connector into the decoder's condition (trained end to end with it)"
+    )
+
+
 def _bridge_row(config: dict[str, Any]) -> str:
     """The bridge, and for a resampler its sizes and the token-wise bridge of response images."""
     bridge = str(config.get("bridge"))
@@ -202,6 +215,7 @@ def build_model_card(
         normalize=config.get("normalize_visual_tokens"),
         bridge=_bridge_row(config),
         image_attention=config.get("image_attention", "causal"),
+        generation=_generation_row(config),
         visual_head=config.get("visual_head")
         if not discrete
         else f"none: the LM head's {config.get('visual_codebook_size')} code tokens (a k-means codebook)",

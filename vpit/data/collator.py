@@ -9,8 +9,8 @@ An encoded sample is a dict of 1-D tensors of one length L plus its images:
     visual_tokens       (n_all, K, Dv), visual_tokens_given (n_all,) bool, optional: images whose encoder tokens
                         came from a feature cache; pixel_values then holds only the others (`vpit.data.encode`)
     num_skipped         int, optional: bad records the dataset skipped just before this sample
-    decoder_images      (1, 3, R, R), optional: the 'queries' mode's target image (`encode_query_sample`); the batch
-                        holds them in sample order as decoder_images (B, 3, R, R)
+    decoder_images      (1, 3, R, R), optional: the 'queries' mode's target image (`encode_query_sample`), and
+    target_pixels       (1, 3, S, S) the same image for the vision encoder; the batch holds each in sample order
     (any other key, e.g. "id" or "source", is metadata and is dropped)
 
 Dimension letters: B samples, R packed rows, T row length, I images in the batch, S image side.
@@ -84,6 +84,7 @@ MODEL_INPUT_KEYS = (
 )
 
 _TOKEN_KEYS = ("input_ids", "labels", "visual_target_mask")
+TARGET_IMAGE_KEYS = ("decoder_images", "target_pixels")
 _PADDING_SIDES = ("right", "left")
 
 
@@ -196,11 +197,12 @@ class VPiTCollator:
             if len(sizes) > 1:
                 raise ValueError(f"the samples' images differ in size {sorted(sizes)}; preprocess them to one size")
             batch["pixel_values"] = torch.cat(pixel_values)  # (I, 3, S, S)
-        targets = [samples[i]["decoder_images"] for i in order if "decoder_images" in samples[i]]
-        if targets:  # the 'queries' mode's target images, one per sample, in the samples' (row-major) order
-            if len(targets) != len(samples):
-                raise ValueError(f"{len(targets)} of {len(samples)} samples carry decoder_images; all or none must")
-            batch["decoder_images"] = torch.cat(targets)  # (B, 3, R, R)
+        for key in TARGET_IMAGE_KEYS:  # the 'queries' mode's target images, one per sample, in row-major order
+            targets = [samples[i][key] for i in order if key in samples[i]]
+            if targets:
+                if len(targets) != len(samples):
+                    raise ValueError(f"{len(targets)} of {len(samples)} samples carry {key}; all or none must")
+                batch[key] = torch.cat(targets)  # (B, 3, R, R)
         num_slots = batch["input_ids"].numel()
         num_tokens = sum(len(t["input_ids"]) for t in tokens)
         batch["padding_fraction"] = (num_slots - num_tokens) / num_slots

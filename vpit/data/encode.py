@@ -110,6 +110,7 @@ def encode_query_sample(
     num_queries: int,
     decoder_transform: Callable[[Image.Image], torch.Tensor],
     max_length: int | None = None,
+    encoder_transform: Callable[[Image.Image], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """A sample for the 'queries' mode (`vpit.training.stages.queries`): the conversation up to and including the
     `<image_start>` of its first response image, then Q query slots and `<image_end>`; that image is the decoder's
@@ -117,7 +118,8 @@ def encode_query_sample(
     or an edit's source) are read through the bridge as usual; the text after the target image is dropped.
 
     Encoded sample: as `encode_sample`'s, with visual_target_mask marking the Q query slots and labels on the answer
-    text before the image and its `<image_start>` (the slots and `<image_end>` unlabelled).
+    text before the image and its `<image_start>` (the slots and `<image_end>` unlabelled); with
+    `encoder_transform`, also the target through it (`target_pixels` (1, 3, S, S), for the vision encoder).
 
     Raises:
         RecordError: `no_response_image` when no answer holds an image, `too_long` past max_length, and
@@ -140,7 +142,9 @@ def encode_query_sample(
     queries = torch.zeros(len(ids), dtype=torch.bool)
     queries[cut : cut + num_queries] = True
     image = load_record_image(sample.images[target], sample.image_root)
+    extra = {"target_pixels": encoder_transform(image)[None]} if encoder_transform is not None else {}
     return {
+        **extra,
         **{key: encoded[key] for key in ("id", "source", "index")},
         "input_ids": ids,
         "labels": torch.cat([labels[:cut], torch.full((num_queries + 1,), IGNORE_INDEX)]),

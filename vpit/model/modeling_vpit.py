@@ -892,11 +892,9 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        labels: torch.LongTensor | None = None,
         visual_tokens: torch.Tensor | None = None,
         visual_tokens_given: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         """The 'queries' mode's forward (what the `queries` stage trains): the LLM reads the prompt (its images
         through the bridge) and, at each image to make, the Q learned queries; the connector turns the final hidden
         states at the queries into the decoder's condition tokens.
@@ -905,32 +903,22 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
             input_ids: (B, T) with Q `image_token_id` slots per image to make (marked by `query_mask`) and K per
                 prompt image, whose pixels (`pixel_values`) or tokens (`visual_tokens`) are given in slot order.
             query_mask: (B, T) bool, the slots of the images to make.
-            labels: (B, T), optional: the answer's text around the images (e.g. a lead-in sentence and
-                `<image_start>`), -100 elsewhere, for the text CE (over `num_items_in_batch` labelled tokens).
 
         Returns:
-            conditions (M, Q, C) for the M images to make in row-major order, and the text CE (None without labels).
+            conditions (M, Q, C) for the M images to make, in row-major order.
         """
         if not self.makes_queries:
             raise ValueError("query_forward is the 'queries' generation mode's; add_queries() switches a model to it")
         inputs_embeds, _ = self.embed(
-            input_ids, pixel_values, visual_tokens, visual_tokens_given, labels=labels, query_slots=query_mask
+            input_ids, pixel_values, visual_tokens, visual_tokens_given, query_slots=query_mask
         )
         mask = self.llm_attention_mask(input_ids, inputs_embeds, attention_mask, position_ids, None, query_mask)
-        positions = labelled_positions(labels) if labels is not None else None  # (P,)
-        kwargs: dict[str, Any] = {}
-        if positions is not None and self.keeps_some_logits():
-            kwargs["logits_to_keep"] = positions
-        outputs, hidden = self.run_language_model(
+        kwargs = {"logits_to_keep": 1} if self.keeps_some_logits() else {}  # the LM head's output is not used
+        _, hidden = self.run_language_model(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs
         )
         states = hidden[query_mask.to(hidden.device)]  # (M * Q, H)
-        conditions = self.conditions(states.view(-1, self.config.num_queries, states.shape[-1]))  # (M, Q, C)
-        t_loss = None
-        if labels is not None and positions is not None:
-            logits = outputs.logits if "logits_to_keep" in kwargs else outputs.logits[:, positions]
-            t_loss = text_loss(logits, labels, num_items_in_batch, positions)
-        return conditions, t_loss
+        return self.conditions(states.view(-1, self.config.num_queries, states.shape[-1]))  # (M, Q, C)
 
     def uses_fused_cross_entropy(self, device: torch.device, needs_logits: bool = False) -> bool:
         """Whether the training loss goes through Liger's fused linear cross-entropy (`fused_text_loss`): asked for

@@ -72,6 +72,7 @@ class DemoPlan:
                 "held_out_repeats": 3,  # 90 held-out prompts
                 "reconstruction_repeats": 2,
                 "modes": ("start_with_image", "paraphrase", "draw"),
+                "edits": 90,
             },
         )
 
@@ -91,6 +92,7 @@ class DemoPlan:
                 "batch_size": 64,
                 "num_inference_steps": 2,
                 "grid_examples": 6,
+                "edits": 4,
             },
         )
 

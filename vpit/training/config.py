@@ -436,11 +436,12 @@ class QueriesSection:
         default=None,
         metadata=_help("C, each condition token's width: the decoder projector's input; null: the encoder's Dv"),
     )
-    text_loss_weight: float = field(
+    align_loss_weight: float = field(
         default=0.0,
         metadata=_help(
-            "weight of the CE on the answer's text up to and including <image_start> (trains the LLM under LoRA or "
-            "in full, or the image-token rows, to open an image when asked); 0: the diffusion loss alone"
+            "weight of NExT-GPT's condition alignment: 1 - cos between each condition token and the target image's "
+            "encoder token (the decoder's native condition, through the frozen vision encoder), beside the diffusion "
+            "loss; needs Q = K and C = Dv. 0: the diffusion loss alone (MetaQuery)"
         ),
     )
     train_unet: bool = field(
@@ -453,8 +454,8 @@ class QueriesSection:
     def __post_init__(self) -> None:
         if isinstance(self.num_queries, bool) or not isinstance(self.num_queries, int) or self.num_queries < 1:
             raise ValueError(f"queries.num_queries must be a positive int, got {self.num_queries!r}")
-        if not (self.text_loss_weight >= 0 and math.isfinite(self.text_loss_weight)):
-            raise ValueError(f"queries.text_loss_weight must be a finite number >= 0, got {self.text_loss_weight}")
+        if not (self.align_loss_weight >= 0 and math.isfinite(self.align_loss_weight)):
+            raise ValueError(f"queries.align_loss_weight must be a finite number >= 0, got {self.align_loss_weight}")
 
 
 @dataclass(kw_only=True)

@@ -9,8 +9,14 @@ UNet, and the LLM when it is not frozen (LoRA or full), all through one backward
 the language model produces, never from exact encoder tokens. Condition dropout (`decoder.condition_dropout`)
 keeps classifier-free guidance.
 
-The loss of a step is its global batch's (as the VPiT forward's): the diffusion term sums the per-image losses over
-the global batch's images, the optional text term (`queries.text_loss_weight`) the CE over its labelled tokens.
+The loss of a step is its global batch's: the per-image diffusion losses summed over the global batch's images (of
+every process and micro-batch) over their count, whatever the split. `queries.align_loss_weight` adds NExT-GPT's
+alignment of the conditions with the decoder's native condition (the target's encoder tokens), weighed the same way.
+
+The LLM learns no text here (the records hold generation and edits only, and a CE on them alone would teach it to
+open an image in every answer): a model asked for an image opens it when its answer starts with the image
+(`start_with_image=True`, `vpit generate --start-with-image`, `vpit chat`'s `/draw`), as MetaQuery's frozen LLM is
+asked.
 
 Output: RUN/final/model (a VPiT folder in the 'queries' generation mode) and RUN/final/decoder (a
 `VPiTDecoderPipeline` folder): the pair `vpit generate`, `vpit chat` and `VPiTPipeline` take. Reads top to bottom.
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from accelerate.utils import DistributedType, set_seed
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -65,10 +72,14 @@ class QueriesTrainable(nn.Module):
         self.model = model
         self.unet = pipeline.unet
         self.projector = pipeline.projector
-        self._frozen: dict[str, Any] = {"vae": pipeline.vae, "scheduler": noise_scheduler}
+        self._frozen: dict[str, Any] = {
+            "vae": pipeline.vae,
+            "scheduler": noise_scheduler,
+            "encoder": pipeline.vision_encoder,
+        }
         self.settings = recipe.decoder
-        self.text_loss_weight = recipe.queries.text_loss_weight
         self.num_queries = recipe.queries.num_queries
+        self.align_loss_weight = recipe.queries.align_loss_weight
 
     def forward(
         self, batch: dict[str, Any], generator: torch.Generator, global_counts: torch.Tensor, scale: int
@@ -76,13 +87,10 @@ class QueriesTrainable(nn.Module):
         """One micro-batch's share of the global batch's loss (times `scale` = processes x micro-batches, which
         data parallelism and accumulation divide by again), and its named terms (shares of the global ones)."""
         device = self.projector.device
-        text = self.text_loss_weight > 0
         inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-        conditions, t_loss = _base(self.model).query_forward(
+        conditions = _base(self.model).query_forward(
             query_mask=batch["visual_target_mask"].to(device),
             pixel_values=batch["pixel_values"].to(device) if "pixel_values" in batch else None,
-            labels=batch["labels"].to(device) if text else None,
-            num_items_in_batch=global_counts[0],
             **inputs,
         )  # (B, Q, C)
         out = decoder_loss(
@@ -105,9 +113,14 @@ class QueriesTrainable(nn.Module):
         diffusion = out.loss * share
         terms = {"loss": diffusion, "diffusion_loss": diffusion, "mse": out.mse * share}
         loss = diffusion
-        if t_loss is not None:
-            loss = loss + self.text_loss_weight * t_loss
-            terms |= {"loss": loss, "text_loss": t_loss}
+        if self.align_loss_weight > 0:
+            # NExT-GPT's alignment: the conditions near the decoder's native condition, the target's encoder tokens.
+            with torch.no_grad():
+                native = self._frozen["encoder"](batch["target_pixels"].to(device))  # (B, K, Dv)
+            cosine = F.cosine_similarity(conditions, native.to(conditions.dtype), dim=-1)  # (B, Q)
+            align = (1 - cosine).mean(dim=-1).sum() / images
+            loss = diffusion + self.align_loss_weight * align
+            terms |= {"loss": loss, "align_loss": align}
         return loss * scale, {key: value.detach() for key, value in terms.items()}
 
 
@@ -124,14 +137,35 @@ def decoder_transform(resolution: int) -> transforms.Compose:
 
 
 class QuerySamples:
-    """Sample -> `encode_query_sample(...)`; picklable, for DataLoader workers."""
+    """Sample -> `encode_query_sample(...)`, the target through the vision encoder's transform too when the
+    alignment term needs it; picklable, for DataLoader workers."""
 
-    def __init__(self, processor: VPiTProcessor, num_queries: int, resolution: int, max_length: int | None):
+    def __init__(
+        self, processor: VPiTProcessor, num_queries: int, resolution: int, max_length: int | None, align: bool
+    ):
         self.processor, self.num_queries, self.max_length = processor, num_queries, max_length
         self.transform = decoder_transform(resolution)
+        self.encoder_transform = processor.image_transform if align else None
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
-        return encode_query_sample(sample, self.processor, self.num_queries, self.transform, self.max_length)
+        return encode_query_sample(
+            sample, self.processor, self.num_queries, self.transform, self.max_length, self.encoder_transform
+        )
+
+
+def check_sizes(model: VPiTForCausalLM, pipeline: VPiTDecoderPipeline, align_loss_weight: float, source: str) -> None:
+    """Refuse a decoder that does not read the model's (Q, C) condition tokens, and an alignment term whose sizes
+    are not the encoder's (Q = K, C = Dv), each with the fix."""
+    pipeline.check_condition(model.image_slots, model.condition_size, source)
+    native = (model.config.num_visual_tokens, model.vision_tower.hidden_size)
+    if align_loss_weight > 0 and (model.image_slots, model.condition_size) != native:
+        raise ValueError(
+            f"queries.align_loss_weight aligns each condition token with the target's encoder token: it needs "
+            f"num_queries = K = {native[0]} and condition_size = Dv = {native[1]}, got "
+            f"({model.image_slots}, {model.condition_size}); set it to 0 or match the sizes"
+        )
+    if align_loss_weight > 0 and pipeline.vision_encoder is None:
+        raise ValueError("queries.align_loss_weight reads the target through the decoder's vision encoder; it has none")
 
 
 def run(recipe: QueriesRecipe) -> Path:
@@ -161,7 +195,7 @@ def run(recipe: QueriesRecipe) -> Path:
             processor.save_pretrained(lora_base)
     pipeline = build_decoder(recipe)  # type: ignore[arg-type]  # reads model / decoder / train, as a DecoderRecipe
     base = _base(model)
-    pipeline.check_condition(base.image_slots, base.condition_size, f"the model ({recipe.model.pretrained})")
+    check_sizes(base, pipeline, recipe.queries.align_loss_weight, f"the model ({recipe.model.pretrained})")
     pipeline.scheduler = type(pipeline.scheduler).from_config(
         pipeline.scheduler.config, prediction_type=settings.prediction_type
     )
@@ -187,7 +221,8 @@ def run(recipe: QueriesRecipe) -> Path:
     state = resume(accelerator, run_dir, recipe.train.resume, extras)
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    encode = QuerySamples(processor, recipe.queries.num_queries, resolution, recipe.data.max_length)
+    align = recipe.queries.align_loss_weight > 0
+    encode = QuerySamples(processor, recipe.queries.num_queries, resolution, recipe.data.max_length, align)
     loader = build_batches(recipe.data, processor, rank, world, run_dir, start_batch=state.next_batch, encode=encode)
     scale = world * recipe.optim.gradient_accumulation_steps
 
@@ -279,4 +314,4 @@ def _save_model(
     processor.save_pretrained(folder)
 
 
-__all__ = ["QueriesTrainable", "QuerySamples", "decoder_transform", "run"]
+__all__ = ["QueriesTrainable", "QuerySamples", "check_sizes", "decoder_transform", "run"]
