@@ -102,7 +102,9 @@ def test_each_stage_reads_its_own_recipe_class():
     data = {"model": {"pretrained": "f"}, "data": {"mixture": [{"card": "x.yaml"}]}}
     assert type(recipe_from_dict({**data, "stage": "vpit"})) is InstructionRecipe
     assert type(recipe_from_dict({**data, "stage": "decoder"})) is DecoderRecipe
-    with pytest.raises(ValueError, match=r"stage must be one of \['bridge', 'vpit', 'decoder', 'queries'\], got 'pretrain'"):
+    with pytest.raises(
+        ValueError, match=r"stage must be one of \['bridge', 'vpit', 'decoder', 'queries'\], got 'pretrain'"
+    ):
         recipe_from_dict({**data, "stage": "pretrain"})
     with pytest.raises(ValueError, match=r"model: unknown keys \['llm'\]"):  # the decoder reads an encoder only
         recipe_from_dict({"stage": "decoder", "model": {"llm": "x"}, "data": data["data"]})

@@ -175,6 +175,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(path)
     if out.visual_tokens and not out.images:
         print(f"{len(out.visual_tokens)} image(s) generated but not drawn: pass --decoder", file=sys.stderr)
+    if pipe.model.makes_queries and not out.visual_tokens and not args.start_with_image:
+        print("no image: this model (the 'queries' mode) draws when its answer is made to start with the image; "
+              "add --start-with-image", file=sys.stderr)  # fmt: skip
     return 0
 
 

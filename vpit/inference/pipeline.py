@@ -153,9 +153,17 @@ class VPiTPipeline:
         self, model: VPiTForCausalLM, processor: VPiTProcessor, decoder: VPiTDecoderPipeline | None = None
     ) -> None:
         processor.check_config(model.config)
-        if decoder is not None:
-            what = "the model (its 'queries' mode's condition)" if model.makes_queries else "the model"
-            decoder.check_condition(model.image_slots, model.condition_size, what)
+        if decoder is not None and model.makes_queries:
+            decoder.check_condition(model.image_slots, model.condition_size, "the model (the 'queries' mode)")
+        elif decoder is not None:
+            projector = decoder.projector.config
+            expected = (model.config.num_visual_tokens, model.vision_tower.hidden_size)
+            found = (projector["num_visual_tokens"], projector["vision_hidden_size"])
+            if found != expected:
+                raise ValueError(
+                    f"the decoder reads K={found[0]} visual tokens of width Dv={found[1]} but the model predicts "
+                    f"K={expected[0]} of width Dv={expected[1]}; pass the decoder trained for this model's encoder"
+                )
         self.model = model
         self.processor = processor
         self.decoder = decoder
