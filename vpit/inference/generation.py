@@ -446,7 +446,8 @@ def generate(
         )
     start_id, end_id, slot_id = model.image_token_ids()
     k = model.image_slots  # slots of a generated image: K visual tokens, or Q queries
-    queries = model.makes_queries
+    connector = model.connector  # the 'queries' mode's queries and connector; None in the tokens mode
+    queries = connector is not None
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     embed_tokens = model.get_input_embeddings()
@@ -528,9 +529,9 @@ def generate(
         tokens = torch.where(end_pending, end_id, tokens)
         tokens = torch.where(visual, slot_id, tokens)
         next_embeds = embed_tokens(tokens)  # (B, H)
-        if queries and (bool(visual.any()) or synced_gpus):  # the row's next query, in order
+        if connector is not None and (bool(visual.any()) or synced_gpus):  # the row's next query, in order
             index = (k - visual_left).clamp(0, k - 1)  # (B,)
-            fed = model.connector(index=index).to(next_embeds.dtype)  # type: ignore[misc]  # (B, H)
+            fed = connector(index=index).to(next_embeds.dtype)  # (B, H)
             next_embeds = torch.where(visual[:, None], fed, next_embeds)
         elif bool(visual.any()) or synced_gpus:  # synced: the head and bridge run on every process at every step
             z_hat = model.predict_visual(h_last, **visual_kwargs)  # (B, Dv)
@@ -576,7 +577,7 @@ def generate(
     if queries:
         # A row cut off right after its last query never computed that query's state: its image is incomplete.
         images = [row[:-1] if bool(cut) else row for row, cut in zip(images, fed_query.tolist(), strict=True)]
-        images, partial = _connect(model, images, synced_gpus), [None] * batch
+        images, partial = _connect(model, images, h_last if synced_gpus else None), [None] * batch
     return _output(
         sequences=sequences,
         attention_mask=attention_mask,
@@ -587,13 +588,16 @@ def generate(
     )
 
 
-def _connect(model: VPiTForCausalLM, states: list[list[torch.Tensor]], synced: bool) -> list[list[torch.Tensor]]:
+def _connect(
+    model: VPiTForCausalLM, states: list[list[torch.Tensor]], synced_like: torch.Tensor | None
+) -> list[list[torch.Tensor]]:
     """Queries mode: per row, each image's (Q, H) query states -> its (Q, C) condition tokens, every image of the
-    batch through the connector at once (synced: on a dummy too when this process made none)."""
+    batch through the connector in one call; synced (`synced_like`, a tensor of the states' dtype and device), one
+    call on zeros when this process made no image, as the others make theirs."""
     flat = [s for row in states for s in row]
     if not flat:
-        if synced:
-            model.conditions(model.query_embeddings(1)[None])
+        if synced_like is not None:
+            model.conditions(synced_like.new_zeros(1, model.image_slots, synced_like.shape[-1]))
         return [[] for _ in states]
     conditions = list(model.conditions(torch.stack(flat)).unbind(0))  # M x (Q, C)
     return [[conditions.pop(0) for _ in row] for row in states]

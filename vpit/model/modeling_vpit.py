@@ -364,7 +364,8 @@ class VPiTForCausalLM(VPiTPreTrainedModel):
         device = _weight(self.get_input_embeddings()).device
         self.connector = built.to(device=device, dtype=self.dtype)
         self._no_split_modules = [*self._no_split_modules, "QueryConnector"]
-        self.connector.apply(self._init_weights)
+        with gathered_for_write([_weight(self.get_input_embeddings())]):  # ZeRO-3: the queries read every row
+            self.connector.apply(self._init_weights)
         return self.connector
 
     def query_embeddings(self, count: int) -> torch.Tensor:

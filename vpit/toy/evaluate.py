@@ -246,8 +246,9 @@ def evaluate_generation(
 
 
 def evaluate_editing(pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
-    """Edits as the editing card asks them (`<image> Make it {colour}.` / `<image> Move it {where}.` on a render):
-    the edited image judged against the intended object, all four attributes, over `settings.edits` prompts."""
+    """Edits as the editing card asks them (`<image> Make it {colour}.` / `<image> Move it {where}.` on a render),
+    the answer started with the image as the card's answers are (nothing else): the edited image judged against the
+    intended object, all four attributes, over `settings.edits` prompts."""
     rng = random.Random(f"eval-editing:{settings.seed}")
     cases = []
     for _ in range(settings.edits):
@@ -265,6 +266,7 @@ def evaluate_editing(pipe: VPiTPipeline, settings: EvalSettings, progress: bool 
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             seed=settings.seed + i,
+            start_with_image=True,  # the editing card's answer is the edited image itself
         )
         for (_, _, after), output in zip(batch, outputs, strict=True):
             missing += not output.images
