@@ -181,7 +181,8 @@ def run(recipe: QueriesRecipe) -> Path:
             "`vpit eval toy` or `vpit generate`"
         )
     settings = recipe.decoder
-    zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3  # fmt: skip
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    zero3 = plugin is not None and plugin.zero_stage == 3
     if settings.ema_decay is not None and zero3:
         raise ValueError("decoder.ema_decay under ZeRO-3 would average partitions; set it to null (or use ZeRO-2)")
 
