@@ -306,3 +306,40 @@ def test_understanding_is_left_alone_by_the_queries(tiny_vpit):
         model.add_queries(num_queries=Q, connector_options=SMALL)
         after = model(**batch).logits
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_under_zero3_train_and_save_the_pair(tiny_vpit, tmp_path):
+    """`accelerate launch` with the shipped ZeRO-3 config on 2 CPU processes: the model and the decoder are
+    partitioned, both ranks read their own samples, the saved pair is gathered whole (the frozen LLM unchanged) and
+    draws; the summary counts both ranks' samples."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, processor = tiny_vpit
+    model.save_pretrained(tmp_path / "bridge")
+    processor.save_pretrained(tmp_path / "bridge")
+    out = tmp_path / "zero3"
+    root = Path(__file__).resolve().parents[1]
+    overrides = _stage_overrides(tmp_path / "bridge", out, **{"train.max_steps": 4, "decoder.ema_decay": "null",
+                                                              "data.batch_size": 4, "train.checkpoint_every": 2})  # fmt: skip
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               "recipes/accelerate/deepspeed_zero3.yaml", "--num_processes", "2", "--mixed_precision", "no",
+               "-m", "vpit.train", "recipes/toy/queries.yaml", *overrides]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 4 * 4 * 2 and summary["skipped"] == 0  # steps x batch x ranks
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history(out) if "loss" in r)
+    trained = vpit.VPiTForCausalLM.from_pretrained(out / "final" / "model")
+    for name, value in trained.language_model.state_dict().items():
+        torch.testing.assert_close(value, model.language_model.state_dict()[name], msg=name)
+    assert trained.connector.queries.weight.shape == (K, model.config.get_text_config().hidden_size)
+    pipe = VPiTPipeline.from_pretrained(out / "final" / "model", decoder=out / "final" / "decoder", device="cpu")
+    assert all(p.numel() > 0 for p in pipe.decoder.unet.parameters())  # whole, not a partition
+    drawn = pipe("Draw a red circle.", start_with_image=True, max_new_tokens=K + 2, num_inference_steps=2)
+    assert len(drawn.images) == 1

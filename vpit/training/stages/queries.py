@@ -70,6 +70,8 @@ class QueriesTrainable(nn.Module):
     ):
         super().__init__()
         self.model = model
+        # accelerate sizes DeepSpeed's "auto" buckets from `model.config.hidden_size`: the LLM's width.
+        self.config = _base(model).config
         self.unet = pipeline.unet
         self.projector = pipeline.projector
         self._frozen: dict[str, Any] = {
@@ -259,15 +261,22 @@ def run(recipe: QueriesRecipe) -> Path:
     if ema is not None:
         ema.copy_to(params)
     weights = full_state_dict(accelerator, prepared)  # gathered across ranks under ZeRO-3 / FSDP2
+    counts = accelerator.reduce(torch.tensor([state.samples, state.skipped], device=accelerator.device), "sum")
+    samples, skipped = (int(c) for c in counts.cpu())  # over all processes
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(prepared)
         parts = {name: {k.removeprefix(f"{name}."): v for k, v in weights.items() if k.startswith(f"{name}.")}
                  for name in ("model", "unet", "projector")}  # fmt: skip
         _save_model(unwrapped.model, parts["model"], processor, final / "model", run_dir, lora_base)
-        pipeline.unet.load_state_dict(parts["unet"])
-        pipeline.projector.load_state_dict(parts["projector"])
-        pipeline.save_pretrained(final / "decoder")
-        summary = {"steps": state.step, "samples": state.samples, "skipped": state.skipped,
+        # Fresh UNet and projector take the gathered weights (under ZeRO-3 the trained ones hold only a partition).
+        unet = type(pipeline.unet).from_config(pipeline.unet.config)
+        unet.load_state_dict(parts["unet"])
+        projector = type(pipeline.projector).from_config(pipeline.projector.config)
+        projector.load_state_dict(parts["projector"])
+        VPiTDecoderPipeline(**{**pipeline.components, "unet": unet, "projector": projector}).save_pretrained(
+            final / "decoder"
+        )
+        summary = {"steps": state.step, "samples": samples, "skipped": skipped,
                    "final": {k: v for k, v in (state.history[-1] if state.history else {}).items() if math.isfinite(v)}}  # fmt: skip
         for folder in (final / "model", final / "decoder"):
             (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -275,7 +284,7 @@ def run(recipe: QueriesRecipe) -> Path:
                 folder,
                 recipe.hub.repo_id or f"{run_dir.name}-{folder.name}",
                 license=recipe.hub.license,
-                metrics={"steps": state.step, "images": state.samples},
+                metrics={"steps": state.step, "images": samples},
                 training_config=recipe.to_dict(),
             )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -285,7 +294,7 @@ def run(recipe: QueriesRecipe) -> Path:
             push_folder(final / "model", recipe.hub.repo_id, private=recipe.hub.private)
             push_folder(final / "decoder", f"{recipe.hub.repo_id}-decoder", private=recipe.hub.private)
         print(
-            f"[vpit] queries: {state.step} steps, {state.samples} samples, {state.skipped} records skipped (see "
+            f"[vpit] queries: {state.step} steps, {samples} samples, {skipped} records skipped (see "
             f"{run_dir / 'skipped.jsonl'}); model in {final / 'model'}, decoder in {final / 'decoder'}"
         )
     accelerator.wait_for_everyone()
