@@ -269,9 +269,9 @@ def run(recipe: QueriesRecipe) -> Path:
                  for name in ("model", "unet", "projector")}  # fmt: skip
         _save_model(unwrapped.model, parts["model"], processor, final / "model", run_dir, lora_base)
         # Fresh UNet and projector take the gathered weights (under ZeRO-3 the trained ones hold only a partition).
-        unet = type(pipeline.unet).from_config(pipeline.unet.config)
+        unet: nn.Module = type(pipeline.unet).from_config(pipeline.unet.config)  # type: ignore[assignment]
         unet.load_state_dict(parts["unet"])
-        projector = type(pipeline.projector).from_config(pipeline.projector.config)
+        projector: nn.Module = type(pipeline.projector).from_config(pipeline.projector.config)  # type: ignore[assignment]
         projector.load_state_dict(parts["projector"])
         VPiTDecoderPipeline(**{**pipeline.components, "unet": unet, "projector": projector}).save_pretrained(
             final / "decoder"
