@@ -76,6 +76,7 @@ def test_fast_demo_writes_every_artefact(demo):
     assert evaluation["generation"]["in_distribution"]["n"] == 150
     assert evaluation["generation"]["held_out"]["n"] == 30
     assert evaluation["reconstruction"]["n"] == 180
+    assert evaluation["editing"]["n"] == 4  # the fast plan's edits, judged
     # Six training steps draw nothing right, so no floor applies here (the figures are `make demo`'s); what must
     # hold is the scoring: each figure counts whole prompts, all four right is never above one attribute's, and
     # the interval brackets the figure.
@@ -273,3 +274,42 @@ def test_the_vpit_stage_recipe_is_checked_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match=r"no recipe .*vpit_huber\.yaml for the VPiT stage"):
         run_demo(tmp_path / "out", tmp_path / "work", plan)
     assert not (tmp_path / "work").exists()  # nothing was written
+
+
+def test_editing_is_judged_against_the_intended_object():
+    """`evaluate_editing` on stand-in editors: one that applies each instruction to the object it reads in the
+    source image scores 100%, one that returns the source unchanged 0% (every edit changes the colour or the
+    position); the edit is asked with the answer started on the image."""
+    from types import SimpleNamespace
+
+    from vpit.toy.evaluate import EvalSettings, evaluate_editing
+    from vpit.toy.judge import judge
+    from vpit.toy.world import WHERE, ToyObject, render
+
+    class Editor:
+        def __init__(self, perfect):
+            self.perfect, self.calls = perfect, []
+            self.processor = SimpleNamespace(image_token="<image>")
+            self.model = SimpleNamespace(image_slots=16)
+
+        def __call__(self, prompts, images, start_with_image=False, **_):
+            self.calls.append(start_with_image)
+            outputs = []
+            for prompt, image in zip(prompts, images, strict=True):
+                read = judge(image)
+                obj = ToyObject(read.size, read.colour, read.shape, read.position)
+                instruction = prompt.removeprefix("<image> ").removesuffix(".")
+                if self.perfect and instruction.startswith("Make it "):
+                    obj = obj.replace(colour=instruction.removeprefix("Make it "))
+                elif self.perfect:
+                    where = instruction.removeprefix("Move it ")
+                    obj = obj.replace(position=next(p for p, phrase in WHERE.items() if phrase == where))
+                outputs.append(SimpleNamespace(images=[render(obj)]))
+            return outputs
+
+    settings = EvalSettings(edits=20, batch_size=8)
+    perfect, identity = Editor(True), Editor(False)
+    assert evaluate_editing(perfect, settings, progress=False)["all"] == 1.0
+    result = evaluate_editing(identity, settings, progress=False)
+    assert result["all"] == 0.0 and result["n"] == 20 and result["no_image"] == 0
+    assert perfect.calls == [True] * 3
