@@ -133,6 +133,18 @@ def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
     )
 
 
+def decoder_transform(resolution: int) -> transforms.Compose:
+    """An image -> the decoder's training pixels: resized and centre-cropped to `resolution`, in [-1, 1]."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
 class ImageEncoder:
     """Sample -> its images, twice: for the vision encoder (its own transform) and for the decoder ([-1, 1] at the
     training resolution); with `predicted` ({image key: (K, Dv)}), also each image's predicted tokens (zeros and
@@ -141,14 +153,7 @@ class ImageEncoder:
     def __init__(self, encoder_transform: Any, resolution: int, predicted: dict[str, torch.Tensor] | None = None):
         self.encoder_transform = encoder_transform
         self.predicted = predicted
-        self.decoder_transform = transforms.Compose(
-            [
-                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(resolution),
-                transforms.ToTensor(),
-                transforms.Normalize([0.5], [0.5]),
-            ]
-        )
+        self.decoder_transform = decoder_transform(resolution)
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
         if not sample.images:
@@ -323,4 +328,4 @@ def run(recipe: DecoderRecipe) -> Path:
     return final
 
 
-__all__ = ["DecoderTrainable", "ImageEncoder", "build_decoder", "run"]
+__all__ = ["DecoderTrainable", "ImageEncoder", "build_decoder", "decoder_transform", "run"]

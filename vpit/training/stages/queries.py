@@ -37,7 +37,6 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from peft import PeftModel
 from torch import nn
-from torchvision import transforms
 
 from ...data.encode import encode_query_sample
 from ...data.records import Sample
@@ -51,7 +50,7 @@ from ..components import build_accelerator, build_batches, build_model, build_sc
 from ..config import QueriesRecipe
 from ..diffusion import EMACheckpoint, decoder_loss
 from ..loop import plot_loss_curve, train_loop
-from .decoder import build_decoder
+from .decoder import build_decoder, decoder_transform
 
 
 def _base(model: nn.Module) -> VPiTForCausalLM:
@@ -124,18 +123,6 @@ class QueriesTrainable(nn.Module):
             loss = diffusion + self.align_loss_weight * align
             terms |= {"loss": loss, "align_loss": align}
         return loss * scale, {key: value.detach() for key, value in terms.items()}
-
-
-def decoder_transform(resolution: int) -> transforms.Compose:
-    """An image -> the decoder's training pixels: resized and centre-cropped to `resolution`, in [-1, 1]."""
-    return transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(resolution),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
 
 
 class QuerySamples:
