@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed,app,lmms-eval]"
 	touch $(STAMP)
 
 lint: install

@@ -11,6 +11,7 @@ import yaml
 from huggingface_hub import HfApi
 
 from vpit.cli import main
+from vpit.errors import FolderError
 from vpit.hub import build_model_card, push_folder, push_to_hub
 from vpit.toy.decoder import toy_decoder_components
 
@@ -110,7 +111,7 @@ def test_existing_readme_is_kept(folder, api):
 
 
 def test_push_folder_needs_a_saved_model(tmp_path, api):
-    with pytest.raises(FileNotFoundError, match=r"neither a VPiT model folder \(config\.json\) nor a decoder folder"):
+    with pytest.raises(FolderError, match=r"neither a VPiT model folder \(config\.json\) nor a decoder folder"):
         push_folder(tmp_path, "me/x")
     assert api.calls == []
 

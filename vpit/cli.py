@@ -1,9 +1,15 @@
-"""The `vpit` command line. Subcommands live here as small functions; each parses its own arguments."""
+"""The `vpit` command line. Subcommands live here as small functions; each parses its own arguments.
+
+Errors speak as a finished tool's do: `vpit <command>: error: <cause and fix>` on one line, exit status 2 for
+usage (a bad argument, a wrong recipe key, a missing file, a folder of the wrong kind: `vpit.errors.UsageError`)
+and 1 for a failure while working; the traceback only with `--debug` (or VPIT_DEBUG=1).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +116,7 @@ def _toy_backbones(args: argparse.Namespace) -> int:
 def _eval_toy(args: argparse.Namespace) -> int:
     from .toy.evaluate import EvalSettings, evaluate_toy, markdown_report
 
+    card = _card_folder(args)
     settings = EvalSettings(
         questions_per_type=args.questions_per_type,
         generation_repeats=args.generation_repeats,
@@ -125,6 +132,61 @@ def _eval_toy(args: argparse.Namespace) -> int:
     report = evaluate_toy(args.model, args.decoder, out=args.out, settings=settings)
     print(markdown_report(report))
     print(f"written: {Path(args.out) / 'eval_toy.json'}, {Path(args.out) / 'eval_toy.md'} and the grids")
+    if card is not None:
+        from .evaluation.model_index import toy_eval_results
+        from .hub import write_eval_results
+
+        print(f"model card: {write_eval_results(card, toy_eval_results(report))}")
+    return 0
+
+
+def _card_folder(args: argparse.Namespace) -> Path | None:
+    """The model folder whose README.md `--card` writes into; refused before any work when it is no local folder."""
+    from .errors import UsageError
+
+    if not args.card:
+        return None
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--card writes into the model folder's README.md; {args.model} is not a local folder")
+    return Path(args.model)
+
+
+def _eval_generation(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .evaluation.generation import REPORT_NAME, GenerationSettings, evaluate_generation, summary
+
+    if args.card and not (args.clip or args.reference):
+        raise UsageError("--card writes the CLIP score and the Fréchet distance: give --clip and/or --reference")
+    card = _card_folder(args)
+    settings = GenerationSettings(
+        samples_per_prompt=args.samples_per_prompt,
+        batch_size=args.batch_size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        start_with_image=args.start_with_image,
+        max_new_tokens=args.max_new_tokens,
+    )
+    report = evaluate_generation(
+        args.model,
+        args.decoder,
+        args.prompts,
+        args.out,
+        fmt=args.format,
+        settings=settings,
+        clip=args.clip,
+        reference=args.reference,
+        fid_encoder=args.fid_encoder,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(summary(report))
+    print(f"written: {Path(args.out) / REPORT_NAME}")
+    if card is not None:
+        from .evaluation.model_index import generation_eval_results
+        from .hub import write_eval_results
+
+        print(f"model card: {write_eval_results(card, generation_eval_results(report))}")
     return 0
 
 
@@ -142,7 +204,7 @@ def _load_pipeline(args: argparse.Namespace) -> VPiTPipeline:
 
 
 def _answer_options(args: argparse.Namespace) -> AnswerOptions:
-    """The generation options `vpit generate` and `vpit chat` share (see `vpit.inference.pipeline.AnswerOptions`)."""
+    """The generation options `vpit generate`, `vpit chat` and `vpit app` share (see `vpit.inference.pipeline.AnswerOptions`)."""
     return {
         "max_new_tokens": args.max_new_tokens,
         "do_sample": args.sample,
@@ -197,8 +259,28 @@ def _chat(args: argparse.Namespace) -> int:
         return 130
 
 
+def _app(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .inference.app import launch
+    from .toy.examples import toy_examples
+
+    pipe = _load_pipeline(args)  # once: every browser tab shares it
+    launch(
+        pipe,
+        host=args.host,
+        port=args.port,
+        examples=toy_examples(tempfile.mkdtemp(prefix="vpit-app-examples-"), pipe.model.makes_queries)
+        if args.examples
+        else (),
+        system=args.system,
+        options=_answer_options(args),
+    )
+    return 0
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --decoder / device and the generation options of `generate` and `chat`."""
+    """--model / --decoder / device and the generation options of `generate`, `chat` and `app`."""
     parser.add_argument("--model", required=True, help="a saved VPiT folder (model + processor)")
     parser.add_argument("--decoder", default=None, help="a saved VPiTDecoderPipeline folder, to draw the images")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -296,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--out", default="vpit-chat", help="folder for the generated images (default: vpit-chat)")
     chat.add_argument("--system", default=None, help="a system message for the conversation")
     chat.set_defaults(func=_chat)
+
+    app = commands.add_parser(
+        "app",
+        help="a web app on localhost: chat with image upload, streamed answers, drawn images (needs vpit[app])",
+        description="Load a saved VPiT model (and --decoder) once and serve a Gradio chat at http://HOST:PORT: "
+        "upload images and ask about them, or ask for an image (tick 'start the answer with an image' for /draw); "
+        "the answer streams and the decoder's images appear in the conversation. The generation options below "
+        "are the page's starting settings. Every browser tab is served, one turn at a time.",
+    )
+    _add_model_arguments(app)
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine)")
+    app.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    app.add_argument("--system", default=None, help="a system message at the start of every conversation")
+    app.add_argument(
+        "--no-examples", dest="examples", action="store_false", help="leave out the toy-world example prompts"
+    )
+    app.set_defaults(func=_app)
 
     data = commands.add_parser("data", help="inspect and validate training data")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -412,17 +511,106 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_toy.add_argument("--guidance-scale", type=float, default=3.0)
     eval_toy.add_argument("--seed", type=int, default=1234)
+    eval_toy.add_argument(
+        "--card", action="store_true", help="write the figures into --model's README.md as Hub model-index metadata"
+    )
     eval_toy.set_defaults(func=_eval_toy)
+    eval_generation = eval_commands.add_parser(
+        "generation",
+        help="draw GenEval / DPG-Bench prompts in their folder layout for their official scorers; CLIP score, FD",
+        description="Draw every prompt of --prompts with the model and decoder into OUT/images in the benchmark's "
+        "layout (GenEval: 00000/metadata.jsonl + samples/0000.png ...; DPG-Bench: <item_id>.png, a 2x2 grid), so "
+        "its official scorer runs on OUT/images unchanged. Prompts are sent as written; sample j of every prompt is "
+        "seeded with --seed + j; answers without an image are listed in OUT/eval_generation.json. Optionally a "
+        "CLIP score (--clip) and a Fréchet distance to --reference images in an open_clip encoder's space. "
+        "See docs/generation_benchmarks.md.",
+    )
+    eval_generation.add_argument("--model", required=True, help="a VPiT folder (e.g. outputs/demo/model)")
+    eval_generation.add_argument("--decoder", required=True, help="a decoder folder (e.g. outputs/demo/decoder)")
+    eval_generation.add_argument(
+        "--prompts",
+        required=True,
+        help="GenEval's evaluation_metadata.jsonl, DPG-Bench's prompts/ folder (or dpg_bench.csv), or a .txt file "
+        "with one prompt per line",
+    )
+    eval_generation.add_argument(
+        "--format", choices=["geneval", "dpg", "plain"], default=None, help="how to read --prompts (default: detected)"
+    )
+    eval_generation.add_argument("--out", default="eval_generation", help="folder for images/ and the report")
+    eval_generation.add_argument(
+        "--samples-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4; DPG-Bench: exactly 4)"
+    )
+    eval_generation.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    eval_generation.add_argument(
+        "--steps", type=int, default=50, help="decoder denoising steps (the toy decoder: 15 with its DPM-Solver++)"
+    )
+    eval_generation.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="decoder classifier-free guidance (the toy decoder: 3.0)"
+    )
+    eval_generation.add_argument("--seed", type=int, default=0, help="sample j of every prompt is seeded with SEED + j")
+    eval_generation.add_argument(
+        "--start-with-image",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make each answer start with the image, the prompt unchanged (default); --no-start-with-image lets the "
+        "model answer freely",
+    )
+    eval_generation.add_argument(
+        "--max-new-tokens", type=int, default=None, help="tokens per answer (default: the image's, + 64 if free)"
+    )
+    eval_generation.add_argument(
+        "--clip",
+        default=None,
+        help="open_clip model for the CLIP score: NAME:TAG (e.g. ViT-B-32:openai), hf-hub:org/repo or a local folder",
+    )
+    eval_generation.add_argument(
+        "--reference", default=None, help="folder of reference images for the Fréchet distance (any depth)"
+    )
+    eval_generation.add_argument(
+        "--fid-encoder", default=None, help="open_clip model whose image embeddings the distance uses (default: --clip)"
+    )
+    eval_generation.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    eval_generation.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as saved)"
+    )
+    eval_generation.add_argument(
+        "--card", action="store_true", help="write the scores into --model's README.md as Hub model-index metadata"
+    )
+    eval_generation.set_defaults(func=_eval_generation)
     return parser
 
 
+def _add_debug_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every command `--debug` and remember its name ("vpit eval toy") for its error lines."""
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error"
+    )
+    parser.set_defaults(prog=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                _add_debug_flags(sub)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import report_error
+
     parser = build_parser()
+    _add_debug_flags(parser)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args))
+    debug = getattr(args, "debug", False) or os.environ.get("VPIT_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{args.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        return report_error(args.prog, error)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     VPiT model folder (config.json, model_type "vpit")      -> `build_model_card`
     decoder folder (model_index.json, VPiTDecoderPipeline)  -> `build_decoder_model_card`
     either                                                  -> `write_model_card`, `push_folder`, `push_to_hub`
+    evaluation figures into either's card (model-index)     -> `write_eval_results`
 
 Cards are built from the saved files alone (configs and safetensors headers), so a folder can be described and
 pushed without loading its weights. Tokens are handed to `huggingface_hub.HfApi` only (or read by it from
@@ -11,17 +12,17 @@ HF_TOKEN / the login cache); vpit never writes them to disk or to logs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from .errors import REPO_ID_PATTERN, FolderError
 from .model.resamplers import RESAMPLERS
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 MODEL_CARD_TEMPLATE = """---
 {card_data}
@@ -102,7 +103,7 @@ def _hub_id(name: str | None) -> str | None:
     if not name:
         return None
     name = name.removeprefix("hf-hub:").rstrip("/")
-    if Path(name).exists() or not _REPO_ID.match(name):
+    if Path(name).exists() or not REPO_ID_PATTERN.match(name):
         return None
     return name
 
@@ -340,12 +341,60 @@ def write_model_card(folder: str | Path, repo_id: str | None = None, **card_kwar
     elif (folder / "config.json").is_file():
         card = build_model_card(folder, repo_id or folder.name, **card_kwargs)
     else:
-        raise FileNotFoundError(
+        raise FolderError(
             f"{folder} is neither a VPiT model folder (config.json) nor a decoder folder (model_index.json); "
             "save it with save_pretrained first"
         )
     card.save(folder / "README.md")
     return folder / "README.md"
+
+
+def eval_result_key(result: EvalResult) -> tuple[str | None, ...]:
+    """What makes two results the same figure: task, dataset (type, config, split) and metric (type, config)."""
+    return (
+        result.task_type,
+        result.dataset_type,
+        result.dataset_config,
+        result.dataset_split,
+        result.metric_type,
+        result.metric_config,
+    )
+
+
+def write_eval_results(folder: str | Path, results: Sequence[EvalResult], *, model_name: str | None = None) -> Path:
+    """Write evaluation figures into the README.md card of a saved model or decoder folder as Hub `model-index`
+    metadata, which the Hub shows on the model's page once the folder is pushed.
+
+    The card's other results stay; a result with the key of one already there (`eval_result_key`) replaces it in
+    place. The card's other metadata and its text stay as they are. A folder without a card gets vpit's generated
+    card first (`write_model_card`). Local paths in a metric's config become `<local path>`.
+
+    Args:
+        folder: a saved VPiT model folder or decoder folder.
+        results: huggingface_hub `EvalResult`s, e.g. from `vpit.evaluation.model_index`.
+        model_name: the model-index's name; default: the card's, else the folder's name.
+
+    Returns:
+        the card's path.
+
+    Example:
+        >>> write_eval_results("outputs/toy/vpit/final", toy_eval_results(report))
+    """
+    if not results:
+        raise ValueError("no evaluation results to write into the model card")
+    folder = Path(folder)
+    path = folder / "README.md"
+    if not path.is_file():
+        write_model_card(folder)
+    card = ModelCard.load(path)
+    merged = {eval_result_key(result): result for result in card.data.eval_results or []}
+    for result in results:
+        public = dataclasses.replace(result, metric_config=_public(result.metric_config))
+        merged[eval_result_key(public)] = public  # an existing key keeps its place
+    card.data.eval_results = list(merged.values())
+    card.data.model_name = model_name or card.data.model_name or folder.name
+    card.save(path)
+    return path
 
 
 def push_folder(
@@ -413,7 +462,9 @@ def push_to_hub(
 __all__ = [
     "build_decoder_model_card",
     "build_model_card",
+    "eval_result_key",
     "push_folder",
     "push_to_hub",
+    "write_eval_results",
     "write_model_card",
 ]

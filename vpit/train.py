@@ -6,10 +6,12 @@ processes or DeepSpeed:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import report_error
 from .training.config import load_recipe
 from .training.stages import run_stage
 
@@ -23,4 +25,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    # As `vpit train`: an error is one line (exit 2 for usage, 1 for a failure), the traceback with --debug.
+    debug = "--debug" in sys.argv or os.environ.get("VPIT_DEBUG", "") not in ("", "0")
+    sys.argv = [arg for arg in sys.argv if arg != "--debug"]
+    try:
+        main()
+    except Exception as error:
+        if debug:
+            raise
+        sys.exit(report_error("vpit.train", error))

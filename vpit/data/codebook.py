@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import FolderError, check_model_folder
 from ..model.codebook import fit_codebook
 from .cards import DataCard
 from .features import append_skipped, card_images
@@ -53,7 +54,8 @@ def fit_card_codebook(
         raise ValueError(f"size must be >= 2 and max_images >= 1, got {size} and {max_images}")
     folder = Path(out if out is not None else model_path)
     if out is None and not Path(model_path).is_dir():
-        raise ValueError(f"{model_path} is not a local folder: pass --out, where the discrete model is written")
+        raise FolderError(f"{model_path} is not a local folder: pass --out, where the discrete model is written")
+    check_model_folder(model_path)
     card = DataCard.load(card_path)
     model = VPiTForCausalLM.from_pretrained(model_path).eval()
     processor = VPiTProcessor.from_pretrained(model_path)

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import check_model_folder
 from ..model.configuration_vpit import VPiTConfig
 from ..model.images import ImageError, ImageSource, resolve_image_path
 from .cards import DataCard
@@ -268,6 +269,7 @@ def cache_card_features(
     from ..model.modeling_vpit import VPiTForCausalLM
     from ..model.processing_vpit import VPiTProcessor
 
+    check_model_folder(model)
     card = DataCard.load(card_path)
     config = VPiTConfig.from_pretrained(model)
     processor = VPiTProcessor.from_pretrained(model)

@@ -30,6 +30,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation import LogitsProcessor
 
 from ..decoder import VPiTDecoderPipeline
+from ..errors import check_decoder_folder, check_model_folder
 from ..model.images import ImageSource
 from ..model.modeling_vpit import VPiTForCausalLM
 from ..model.processing_vpit import VPiTProcessor
@@ -184,12 +185,18 @@ class VPiTPipeline:
             decoder: a decoder folder (written by `VPiTDecoderPipeline.save_pretrained`), a loaded decoder, or None.
             dtype: weights dtype ("bfloat16", torch.float16, ...); default as saved.
             device: where to run; default "cuda" when available, else "cpu".
+
+        Raises:
+            vpit.errors.FolderError: a local path that is missing or not a folder of the kind asked for.
         """
         if isinstance(dtype, str):
             resolved = getattr(torch, dtype, None)
             if not isinstance(resolved, torch.dtype):
                 raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
             dtype = resolved
+        check_model_folder(model_dir)
+        if decoder is not None and not isinstance(decoder, VPiTDecoderPipeline):
+            check_decoder_folder(decoder)
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         model = VPiTForCausalLM.from_pretrained(model_dir, **({"dtype": dtype} if dtype is not None else {}))
         # PreTrainedModel.to is declared through functools.wraps, which mypy reads as unbound; call Module.to.

@@ -118,29 +118,52 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def evaluate_understanding(pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+UNDERSTANDING_MAX_NEW_TOKENS = 24  # room for the longest answer, a caption, with some to spare
+
+
+@dataclass(frozen=True)
+class UnderstandingItem:
+    """One understanding question: a render of `obj`, a question of `kind` about it and the grammar's answer."""
+
+    kind: str
+    question: str
+    answer: str
+    image: Image.Image
+    obj: ToyObject
+
+
+def understanding_items(settings: EvalSettings) -> list[UnderstandingItem]:
+    """The questions `evaluate_understanding` asks: `settings.questions_per_type` of each kind, on fresh renders
+    seeded by `settings.seed` (the lmms-eval toy task of `vpit.integrations.lmms_eval` is written from these)."""
     rng = random.Random(f"eval-understanding:{settings.seed}")
-    items = []  # (kind, question, expected, image)
+    items = []
     all_compositions = compositions()
     for kind in QUESTION_KINDS:
         phrasings, answer = QUESTIONS[kind]
         for _ in range(settings.questions_per_type):
             obj = jittered(rng, *rng.choice(all_compositions))
-            items.append((kind, rng.choice(phrasings), answer(obj), render(obj), obj))
+            items.append(UnderstandingItem(kind, rng.choice(phrasings), answer(obj), render(obj), obj))
+    return items
+
+
+def evaluate_understanding(pipe: VPiTPipeline, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+    items = understanding_items(settings)
     right: dict[str, list[bool]] = {kind: [] for kind in QUESTION_KINDS}
     mistakes: list[dict[str, str]] = []
     bar = tqdm(total=len(items), desc="eval: understanding", disable=not progress)
     for batch in _batches(items, settings.batch_size):
         outputs = pipe(
-            [f"{pipe.processor.image_token}\n{question}" for _, question, _, _, _ in batch],
-            images=[image for _, _, _, image, _ in batch],
-            max_new_tokens=24,
+            [f"{pipe.processor.image_token}\n{item.question}" for item in batch],
+            images=[item.image for item in batch],
+            max_new_tokens=UNDERSTANDING_MAX_NEW_TOKENS,
         )
-        for (kind, question, expected, _, obj), output in zip(batch, outputs, strict=True):
-            ok = normalize_answer(output.text) == normalize_answer(expected)
-            right[kind].append(ok)
+        for item, output in zip(batch, outputs, strict=True):
+            ok = normalize_answer(output.text) == normalize_answer(item.answer)
+            right[item.kind].append(ok)
             if not ok and len(mistakes) < 20:
-                mistakes.append({"image": obj.caption, "question": question, "expected": expected, "got": output.text})
+                mistakes.append(
+                    {"image": item.obj.caption, "question": item.question, "expected": item.answer, "got": output.text}
+                )
         bar.update(len(batch))
     bar.close()
     per_type = {kind: sum(flags) / len(flags) for kind, flags in right.items()}

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ..errors import RecipeError
+
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -632,18 +634,20 @@ def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     path = Path(path)
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
-        raise ValueError(f"recipe bases form a cycle: {chain}")
+        raise RecipeError(f"recipe bases form a cycle: {chain}")
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file (the recipes vpit ships are under recipes/)")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str):
-        raise ValueError(f"{path}: base must name one recipe file, got {base!r}")
+        raise RecipeError(f"{path}: base must name one recipe file, got {base!r}")
     base_path = path.parent / base
     if not base_path.is_file():
-        raise ValueError(f"{path}: base recipe {base_path} does not exist")
+        raise RecipeError(f"{path}: base recipe {base_path} does not exist")
     return _merge(read_recipe_file(base_path, (*_seen, path.resolve())), data)
 
 
@@ -651,10 +655,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (and its `base:` chain), apply dotted overrides, validate.
 
     Raises:
-        ValueError: unknown keys, missing required keys, or an invalid value (the message names it).
+        RecipeError: a missing file, unknown keys, missing required keys, or an invalid value (the message names it).
     """
     data = read_recipe_file(path)
-    return recipe_from_dict(apply_overrides(data, overrides or []), str(path))
+    try:
+        data = apply_overrides(data, overrides or [])
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
+    return recipe_from_dict(data, str(path))
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "") -> Recipe:
@@ -665,7 +673,7 @@ def recipe_from_dict(data: dict[str, Any], where: str = "") -> Recipe:
             raise ValueError(f"stage must be one of {list(RECIPES)}, got {stage!r}")
         return _build(RECIPES[stage], data, "")
     except ValueError as err:
-        raise ValueError(f"{where}: {err}" if where else str(err)) from err
+        raise RecipeError(f"{where}: {err}" if where else str(err)) from err
 
 
 __all__ = [
