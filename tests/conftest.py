@@ -27,6 +27,30 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: the tiny models are too small to gain from more (see tests/test_decoder.py). A module
+    that runs them takes it for every test with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_pipeline(root: Path, tiny_llama: Path, tiny_clip: Path, k: int = 4, dv: int = 48) -> dict[str, Path]:
+    """A saved tiny VPiT (model + processor, K = k, seed 0) in ROOT/model and a toy decoder for its (k, dv) tokens
+    in ROOT/decoder: the pair of folders `VPiTPipeline.from_pretrained` and the command line load."""
+    from vpit.decoder import VPiTDecoderPipeline
+    from vpit.toy.decoder import toy_decoder_components
+
+    torch.manual_seed(0)
+    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=k)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    VPiTDecoderPipeline(**toy_decoder_components(dv, k)).save_pretrained(root / "decoder")
+    return {"model": root / "model", "decoder": root / "decoder"}
+
+
+@pytest.fixture
 def tiny_vpit(tiny_llama, tiny_clip):
     """A freshly assembled (model, processor) with K = 4 from the tiny Llama and tiny open_clip ViT."""
     torch.manual_seed(0)

@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_pipeline
 from PIL import Image
 
-import vpit
 import vpit.inference.pipeline as pipeline_module
 from vpit.cli import build_parser
-from vpit.decoder import VPiTDecoderPipeline
 from vpit.inference.app import DRAWING, EMPTY, ChatSession, answer, turn_options
 from vpit.inference.pipeline import VPiTPipeline
-from vpit.toy.decoder import toy_decoder_components
 from vpit.toy.examples import toy_examples
 
 K, DV = 4, 48
@@ -46,26 +44,15 @@ CHROMIUM_ARGS = [
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 is never behind a proxy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these models are too small to gain from more (see tests/test_decoder.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def folders(tiny_llama, tiny_clip, tmp_path_factory) -> dict[str, Path]:
     """A saved tiny VPiT (model + processor), a saved toy decoder for its tokens, and a red 32x32 PNG."""
     root = tmp_path_factory.mktemp("app")
-    torch.manual_seed(0)
-    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    VPiTDecoderPipeline(**toy_decoder_components(DV, K)).save_pretrained(root / "decoder")
     Image.new("RGB", (32, 32), (220, 40, 40)).save(root / "red.png")
-    return {"model": root / "model", "decoder": root / "decoder", "red": root / "red.png"}
+    return {**save_tiny_pipeline(root, tiny_llama, tiny_clip, K, DV), "red": root / "red.png"}
 
 
 @pytest.fixture(scope="module")

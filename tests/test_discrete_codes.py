@@ -167,7 +167,7 @@ def test_a_few_steps_learn_the_codes_and_generation_draws_them(tiny_vpit, tmp_pa
             "--max-new-tokens", str(K + 2), "--out", str(tmp_path / "cli"), "--seed", "0"]  # fmt: skip
     assert main([*argv, "--visual-temperature", "50"]) == 0
     with pytest.raises(ValueError, match="do not apply to a discrete model"):
-        main([*argv, "--visual-steps", "3"])
+        main([*argv, "--visual-steps", "3", "--debug"])  # --debug: the error itself, not its line
 
 
 def test_codebook_fit_command_makes_a_folder_discrete(tiny_vpit, tmp_path, capsys):
@@ -192,7 +192,7 @@ def test_codebook_fit_command_makes_a_folder_discrete(tiny_vpit, tmp_path, capsy
     assert f"none: the LM head's {C} code tokens" in card and "cross-entropy over the codes" in card
     assert json.loads((tmp_path / "model" / "config.json").read_text())["visual_target"] == "continuous"
     with pytest.raises(ValueError, match="cannot fit 64 codes"):
-        main([*args, "--size", "64", "--out", str(tmp_path / "too_many")])
+        main([*args, "--size", "64", "--out", str(tmp_path / "too_many"), "--debug"])
 
 
 def test_discrete_settings_are_checked(tiny_llama, tiny_clip):

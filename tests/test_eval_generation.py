@@ -13,17 +13,15 @@ import open_clip
 import pytest
 import scipy.linalg
 import torch
+from conftest import save_tiny_pipeline
 from PIL import Image
 
-import vpit
 from vpit.cli import main
-from vpit.decoder import VPiTDecoderPipeline
 from vpit.errors import UsageError
 from vpit.evaluation.generation import GenerationSettings, evaluate_generation, summary
 from vpit.evaluation.prompts import read_prompts
 from vpit.evaluation.scores import clip_score, frechet_distance, image_files, load_open_clip
 from vpit.inference.pipeline import VPiTPipeline
-from vpit.toy.decoder import toy_decoder_components
 from vpit.toy.tiny import TINY_OPEN_CLIP_CFG, save_tiny_open_clip
 
 K, DV, SIZE = 4, 48, 32  # visual tokens, their width, the toy decoder's image side
@@ -35,12 +33,7 @@ GENEVAL_LINES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +41,7 @@ def folders(tiny_llama, tiny_clip, tmp_path_factory) -> dict[str, Path]:
     """A saved tiny VPiT and toy decoder (as tests/test_pipeline.py builds them), a CLIP that reads text, prompts
     and reference images."""
     root = tmp_path_factory.mktemp("eval-generation")
-    torch.manual_seed(0)
-    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    VPiTDecoderPipeline(**toy_decoder_components(DV, K)).save_pretrained(root / "decoder")
+    save_tiny_pipeline(root, tiny_llama, tiny_clip, K, DV)
     # The tiny ViT of conftest has a 64-token text vocabulary; open_clip's tokenizer needs its 49408.
     text_cfg = {**TINY_OPEN_CLIP_CFG["text_cfg"], "vocab_size": 49408}
     save_tiny_open_clip(root / "clip", {**TINY_OPEN_CLIP_CFG, "text_cfg": text_cfg}, seed=1)

@@ -41,13 +41,7 @@ SETTINGS = EvalSettings(questions_per_type=2, batch_size=4)  # 10 items, batches
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these models are too small to gain from more (see tests/test_decoder.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_pipeline
 from PIL import Image
 from transformers.generation import LogitsProcessor
 
-import vpit
 import vpit.inference.pipeline as pipeline_module
 from vpit.cli import main
 from vpit.decoder import VPiTDecoderPipeline
@@ -53,26 +53,15 @@ class GenerateSpy:
         return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these models are too small to gain from more (see tests/test_decoder.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def folders(tiny_llama, tiny_clip, tmp_path_factory) -> dict[str, Path]:
     """A saved tiny VPiT (model + processor), a saved toy decoder for its tokens, and a red 32x32 PNG."""
     root = tmp_path_factory.mktemp("pipeline")
-    torch.manual_seed(0)
-    model, processor = vpit.assemble(tiny_llama, f"local-dir:{tiny_clip}", num_visual_tokens=K)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    VPiTDecoderPipeline(**toy_decoder_components(DV, K)).save_pretrained(root / "decoder")
     Image.new("RGB", (32, 32), (220, 40, 40)).save(root / "red.png")
-    return {"model": root / "model", "decoder": root / "decoder", "red": root / "red.png", "root": root}
+    return {**save_tiny_pipeline(root, tiny_llama, tiny_clip, K, DV), "red": root / "red.png", "root": root}
 
 
 @pytest.fixture(scope="module")

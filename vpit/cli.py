@@ -98,7 +98,10 @@ def _toy_data(args: argparse.Namespace) -> int:
     from .toy.world import write_toy_data
 
     sizes = {"understanding": args.understanding, "generation": args.generation, "editing": args.editing}
-    for kind, path in write_toy_data(args.out, sizes, seed=args.seed, canvas=args.canvas).items():
+    written = write_toy_data(
+        args.out, sizes, seed=args.seed, canvas=args.canvas, understanding_only_colours=args.understanding_only_colours
+    )
+    for kind, path in written.items():
         print(f"{kind}: {sizes[kind]} records -> {path}")
     return 0
 
@@ -107,7 +110,12 @@ def _toy_backbones(args: argparse.Namespace) -> int:
     from .toy.backbones import build_toy_backbones
 
     metrics = build_toy_backbones(
-        args.out, seed=args.seed, fast=args.fast, vae_downsamplings=args.vae_downsamplings, workers=args.workers
+        args.out,
+        seed=args.seed,
+        fast=args.fast,
+        vae_downsamplings=args.vae_downsamplings,
+        workers=args.workers,
+        understanding_only_colours=args.understanding_only_colours,
     )
     print(json.dumps(metrics, indent=2, default=str))
     return 0
@@ -124,6 +132,7 @@ def _eval_toy(args: argparse.Namespace) -> int:
         reconstruction_repeats=args.reconstruction_repeats,
         modes=tuple(args.modes),
         edits=args.edits,
+        transfer=args.transfer,
         batch_size=args.batch_size,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -462,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     toy_data.add_argument("--editing", type=int, default=2000, help="editing records")
     toy_data.add_argument("--seed", type=int, default=0)
     toy_data.add_argument("--canvas", type=int, default=64, help="image side in pixels (default 64)")
+    toy_data.add_argument(
+        "--understanding-only-colours",
+        action="store_true",
+        help="understanding records also in pink, teal and brown, which no generation or editing record shows",
+    )
     toy_data.set_defaults(func=_toy_data)
     toy_backbones = toy_commands.add_parser(
         "backbones",
@@ -474,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy_backbones.add_argument("--vae-downsamplings", type=int, default=2, help="2: 16x16x4 latents; 3: 8x8x4")
     toy_backbones.add_argument(
         "--workers", type=int, default=1, choices=(1, 2), help="2: CLIP and LLM + VAE in two processes at once"
+    )
+    toy_backbones.add_argument(
+        "--understanding-only-colours", action="store_true", help="pretrain on pink, teal and brown too"
     )
     toy_backbones.set_defaults(func=_toy_backbones)
 
@@ -496,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_toy.add_argument("--reconstruction-repeats", type=int, default=2, help="renders per composition")
     eval_toy.add_argument("--edits", type=int, default=90, help="editing prompts judged (0: none)")
+    eval_toy.add_argument(
+        "--transfer",
+        action="store_true",
+        help="judge the transfer split too: every composition in pink, teal and brown, which only understanding "
+        "data shows (a world built with --understanding-only-colours); colours are then read among nine",
+    )
     eval_toy.add_argument(
         "--modes",
         nargs="*",

@@ -30,7 +30,7 @@ import math
 import multiprocessing
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from ..model.configuration_vpit import VPiTVisionConfig
 from ..model.processing_vpit import DEFAULT_CHAT_TEMPLATE
 from ..model.vision import VisionEncoder
 from .decoder import toy_vae_config
+from .judge import score
 from .tiny import train_bpe_tokenizer
 from .world import (
     ATTRIBUTES,
@@ -76,6 +77,7 @@ from .world import (
     render,
     sample_object,
     toy_text_corpus,
+    world_colours,
 )
 
 TOY_LLAMA_CONTEXT = 512  # the toy Llama's max_position_embeddings and its tokenizer's model_max_length
@@ -85,6 +87,9 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "position": POSITIONS,
 }
+# Every backbone takes the world's colours: COLOURS (six), or ALL_COLOURS (nine) in a world with the
+# understanding-only colours (`build_toy_backbones(understanding_only_colours=True)`): the CLIP's captions, the LM's
+# text and the VAE's renders then cover pink, teal and brown too.
 
 # ------------------------------------------------------------------------------------------------- helpers
 
@@ -101,9 +106,9 @@ def to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def _caption_objects() -> list[ToyObject]:
-    """The 180 compositions as un-jittered objects, in `compositions()` order."""
-    return [ToyObject(*c) for c in compositions()]
+def _caption_objects(colours: tuple[str, ...] = COLOURS) -> list[ToyObject]:
+    """The compositions in `colours` (180 with the six) as un-jittered objects, in `compositions()` order."""
+    return [ToyObject(*c) for c in compositions(colours=colours)]
 
 
 def _optimizer(
@@ -182,6 +187,7 @@ def pretrain_toy_clip(
     lr: float = 3e-3,
     eval_samples: int = 500,
     probe_samples: tuple[int, int] = (1000, 500),
+    colours: tuple[str, ...] = COLOURS,
 ) -> dict[str, Any]:
     """Contrastively pretrain the toy CLIP on renders and captions; save it as an open_clip `local-dir:` folder.
 
@@ -197,19 +203,21 @@ def pretrain_toy_clip(
         lr: peak AdamW learning rate (10% warm-up, cosine decay).
         eval_samples: fresh renders for zero-shot retrieval (`evaluate_toy_clip`).
         probe_samples: (train, test) renders for the linear probe on VPiT's visual tokens (`probe_toy_clip`).
+        colours: the world's colours (its captions and renders).
 
     Returns:
         {'loss_first', 'loss_last', 'logit_scale', 'retrieval': {...}, 'probe': {...}}.
     """
-    num_captions = len(compositions())
+    captions = compositions(colours=colours)
+    num_captions = len(captions)
     if not 2 <= batch_size <= num_captions:
         raise ValueError(f"batch_size must be in 2..{num_captions} (distinct captions per batch), got {batch_size}")
     folder = Path(folder)
     model_cfg = toy_clip_config(image_size)
     _write_open_clip_config(folder, model_cfg)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")  # the default BPE, at the config's context length
-    objects = _caption_objects()
-    text = tokenizer([o.caption for o in objects])  # (180, context_length)
+    objects = _caption_objects(colours)
+    text = tokenizer([o.caption for o in objects])  # (captions, context_length)
 
     torch.manual_seed(seed)
     rng = random.Random(f"toy-clip:{seed}")
@@ -220,7 +228,7 @@ def pretrain_toy_clip(
     model.train()
     for _ in (bar := tqdm(range(steps), desc="toy CLIP", leave=False)):
         index = rng.sample(range(num_captions), batch_size)
-        images = pixels([render(jittered(rng, *compositions()[i]), image_size) for i in index])
+        images = pixels([render(jittered(rng, *captions[i]), image_size) for i in index])
         out = model(images, text[index])
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         optimizer.zero_grad(set_to_none=True)
@@ -235,14 +243,17 @@ def pretrain_toy_clip(
     return {
         **_loss_summary(losses),
         "logit_scale": model.logit_scale.exp().item(),
-        "retrieval": evaluate_toy_clip(folder, eval_samples, seed),
-        "probe": probe_toy_clip(folder, *probe_samples, seed=seed),
+        "retrieval": evaluate_toy_clip(folder, eval_samples, seed, colours),
+        "probe": probe_toy_clip(folder, *probe_samples, seed=seed, colours=colours),
     }
 
 
 @torch.no_grad()
-def evaluate_toy_clip(folder: str | Path, samples: int = 500, seed: int = 0) -> dict[str, float]:
-    """Zero-shot caption retrieval over all 180 captions on fresh renders, loaded back with open_clip.
+def evaluate_toy_clip(
+    folder: str | Path, samples: int = 500, seed: int = 0, colours: tuple[str, ...] = COLOURS
+) -> dict[str, float]:
+    """Zero-shot caption retrieval over every caption of the world's `colours` on fresh renders, loaded back with
+    open_clip.
 
     Returns:
         {'size', 'colour', 'shape', 'position', 'all', 'n'}: accuracy of each attribute of the retrieved caption,
@@ -251,10 +262,10 @@ def evaluate_toy_clip(folder: str | Path, samples: int = 500, seed: int = 0) -> 
     name = f"local-dir:{folder}"
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     model.eval()
-    objects = _caption_objects()
+    objects = _caption_objects(colours)
     rng = random.Random(f"toy-clip-eval:{seed}")
     size = model.visual.image_size[0]
-    truth = [sample_object(rng) for _ in range(samples)]
+    truth = [sample_object(rng, colours=colours) for _ in range(samples)]
     images = torch.stack([preprocess(render(o, size)) for o in truth])  # (N, 3, S, S)
     text = model.encode_text(open_clip.get_tokenizer(name)([o.caption for o in objects]), normalize=True)
     image = model.encode_image(images, normalize=True)
@@ -270,6 +281,7 @@ def probe_toy_clip(
     num_visual_tokens: int = 16,
     seed: int = 0,
     ridge: float = 1e-4,
+    colours: tuple[str, ...] = COLOURS,
 ) -> dict[str, float]:
     """Linear-probe accuracy per attribute of VPiT's visual tokens (what the VPiT model sees and predicts).
 
@@ -284,7 +296,7 @@ def probe_toy_clip(
     encoder = VisionEncoder.from_pretrained_spec(spec, num_visual_tokens)
     transform = encoder.image_transform()
     rng = random.Random(f"toy-clip-probe:{seed}")
-    objects = [sample_object(rng) for _ in range(train_samples + test_samples)]
+    objects = [sample_object(rng, colours=colours) for _ in range(train_samples + test_samples)]
     size = encoder.image_size[0]
     features = torch.cat(
         [
@@ -292,7 +304,7 @@ def probe_toy_clip(
             for i in range(0, len(objects), 250)
         ]
     ).double()  # (N, K * Dv)
-    values = ATTRIBUTE_VALUES
+    values = {**ATTRIBUTE_VALUES, "colour": colours}
     targets = torch.cat(
         [
             F.one_hot(torch.tensor([values[a].index(o.attributes[a]) for o in objects]), len(values[a]))
@@ -323,15 +335,17 @@ def probe_toy_clip(
 # ------------------------------------------------------------------------------------------ tokenizer + LLM
 
 
-def toy_conversation(rng: random.Random) -> list[dict[str, str]]:
+def toy_conversation(rng: random.Random, colours: tuple[str, ...] = COLOURS) -> list[dict[str, str]]:
     """A text-only toy chat: the image is replaced by its caption (understanding, editing) or absent (generation).
 
     The generation answer stops before the image: a `<image>` marker is not plain text but becomes the VPiT image
     tokens, which the assembled model adds to the vocabulary.
     """
-    obj = sample_object(rng)
+    obj = sample_object(rng, colours=colours)
     described = f"{obj.caption[0].upper()}{obj.caption[1:]}."
     kind = rng.choice(("understanding", "understanding", "generation", "editing"))
+    if kind == "generation" and obj.understanding_only:  # no request to draw what no response image shows
+        kind = "understanding"
     if kind == "generation":
         request = rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption)
         return [
@@ -353,25 +367,28 @@ def toy_conversation(rng: random.Random) -> list[dict[str, str]]:
     return messages
 
 
-def toy_tokenizer_corpus(seed: int = 0, samples: int = 2000) -> list[str]:
+def toy_tokenizer_corpus(seed: int = 0, samples: int = 2000, colours: tuple[str, ...] = COLOURS) -> list[str]:
     """Toy sentences, every generation template on every caption, and chat turns with their role prefixes."""
     rng = random.Random(f"toy-tokenizer:{seed}")
-    lines = toy_text_corpus(rng, samples)
+    lines = toy_text_corpus(rng, samples, colours)
     lines += [template.format(caption=o.caption) for template in GENERATION_TEMPLATES for o in _caption_objects()]
+    lines += [f"{o.caption[0].upper()}{o.caption[1:]}." for o in _caption_objects(colours) if o.understanding_only]
     lines.append(GENERATION_RESPONSE)
     for _ in range(samples // 4):
-        for message in toy_conversation(rng):
+        for message in toy_conversation(rng, colours):
             lines.append(f"{'USER' if message['role'] == 'user' else 'ASSISTANT'}: {message['content']}")
     return lines
 
 
-def train_toy_tokenizer(folder: str | Path, vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+def train_toy_tokenizer(
+    folder: str | Path, vocab_size: int = 512, seed: int = 0, colours: tuple[str, ...] = COLOURS
+) -> PreTrainedTokenizerFast:
     """Train the toy byte-level BPE tokenizer (Llama-style specials, BOS prepended, the VPiT chat template); save it.
 
     Returns:
         the tokenizer, as `AutoTokenizer.from_pretrained(folder)` returns it.
     """
-    tokenizer = train_bpe_tokenizer(toy_tokenizer_corpus(seed), vocab_size=vocab_size)
+    tokenizer = train_bpe_tokenizer(toy_tokenizer_corpus(seed, colours=colours), vocab_size=vocab_size)
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.model_max_length = TOY_LLAMA_CONTEXT
     tokenizer.save_pretrained(folder)
@@ -395,11 +412,17 @@ def toy_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def toy_lm_rows(tokenizer: PreTrainedTokenizerFast, rng: random.Random, documents: int, length: int) -> torch.Tensor:
+def toy_lm_rows(
+    tokenizer: PreTrainedTokenizerFast,
+    rng: random.Random,
+    documents: int,
+    length: int,
+    colours: tuple[str, ...] = COLOURS,
+) -> torch.Tensor:
     """`documents` plain toy sentences and as many chat-formatted toy conversations, tokenized (BOS ... EOS each),
     shuffled, concatenated and cut into (rows, length) token ids (the remainder dropped)."""
-    lines = [[*tokenizer(line).input_ids, tokenizer.eos_token_id] for line in toy_text_corpus(rng, documents)]
-    chats = tokenizer.apply_chat_template([toy_conversation(rng) for _ in range(documents)], tokenize=False)
+    lines = [[*tokenizer(line).input_ids, tokenizer.eos_token_id] for line in toy_text_corpus(rng, documents, colours)]
+    chats = tokenizer.apply_chat_template([toy_conversation(rng, colours) for _ in range(documents)], tokenize=False)
     lines += tokenizer(list(chats), add_special_tokens=False).input_ids  # the template writes BOS and EOS itself
     rng.shuffle(lines)
     stream = torch.tensor([i for line in lines for i in line])
@@ -427,6 +450,7 @@ def pretrain_toy_llama(
     length: int = 128,
     lr: float = 1e-3,
     documents: int = 3000,
+    colours: tuple[str, ...] = COLOURS,
 ) -> dict[str, Any]:
     """LM-pretrain the toy Llama on packed toy text and chats; save it next to its tokenizer (one folder, like a Hub
     model) and load it back with `AutoModelForCausalLM.from_pretrained` for the held-out perplexity.
@@ -444,8 +468,9 @@ def pretrain_toy_llama(
     """
     torch.manual_seed(seed)
     rng = random.Random(f"toy-llama:{seed}")
-    rows = toy_lm_rows(tokenizer, rng, documents, length)  # (N, length)
-    held_out = toy_lm_rows(tokenizer, random.Random(f"toy-llama-held-out:{seed}"), max(8, documents // 4), length)
+    rows = toy_lm_rows(tokenizer, rng, documents, length, colours)  # (N, length)
+    held_out_rng = random.Random(f"toy-llama-held-out:{seed}")
+    held_out = toy_lm_rows(tokenizer, held_out_rng, max(8, documents // 4), length, colours)
     model = LlamaForCausalLM(toy_llama_config(tokenizer))
     before = perplexity(model, held_out)
     optimizer, schedule = _optimizer(model, lr, steps)
@@ -484,36 +509,26 @@ def object_weights(x: torch.Tensor, weight: float = 9.0, margin: int = 2) -> tor
     return 1.0 + weight * near
 
 
-def _judge_score() -> Callable[[Iterable[tuple[ToyObject, Image.Image]]], dict[str, float]] | None:
-    """`vpit.toy.judge.score` when that module exists, else None."""
-    try:
-        from .judge import score
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.judge":
-            raise
-        return None
-    return score
-
-
 @torch.no_grad()
-def evaluate_toy_vae(folder: str | Path, samples: int = 300, seed: int = 0) -> dict[str, Any]:
+def evaluate_toy_vae(
+    folder: str | Path, samples: int = 300, seed: int = 0, colours: tuple[str, ...] = COLOURS
+) -> dict[str, Any]:
     """Reconstruct fresh renders through the saved VAE (posterior mode, scaled and unscaled as a UNet would see it).
 
     Returns:
-        {'mse': mean squared error in [0, 1] pixel units, 'judge': `vpit.toy.judge.score` of the reconstructions
-        (None when the judge module is absent), 'n'}.
+        {'mse': mean squared error in [0, 1] pixel units, 'judge': `vpit.toy.judge.score` of the reconstructions,
+        'n'}.
     """
     vae = AutoencoderKL.from_pretrained(folder).eval()
     size = int(vae.config.sample_size)
     rng = random.Random(f"toy-vae-eval:{seed}")
-    objects = [sample_object(rng) for _ in range(samples)]
+    objects = [sample_object(rng, colours=colours) for _ in range(samples)]
     x = pixels([render(o, size) for o in objects])  # (N, 3, S, S)
     latents = torch.cat([vae.encode(b).latent_dist.mode() for b in x.split(50)]) * vae.config.scaling_factor
     recon = torch.cat([vae.decode(z / vae.config.scaling_factor).sample for z in latents.split(50)]).clamp(-1, 1)
-    score = _judge_score()
     return {
         "mse": float(((recon - x) / 2).pow(2).mean()),
-        "judge": score(list(zip(objects, to_images(recon), strict=True))) if score is not None else None,
+        "judge": score(list(zip(objects, to_images(recon), strict=True)), colours),
         "n": samples,
     }
 
@@ -528,6 +543,7 @@ def pretrain_toy_vae(
     lr: float = 5e-3,
     kl_weight: float = 1e-6,
     eval_samples: int = 300,
+    colours: tuple[str, ...] = COLOURS,
 ) -> dict[str, Any]:
     """Train the toy `AutoencoderKL` on fresh renders; set its `scaling_factor`; save it with `save_pretrained`.
 
@@ -564,7 +580,7 @@ def pretrain_toy_vae(
     losses: list[float] = []
     vae.train()
     for _ in (bar := tqdm(range(steps), desc="toy VAE", leave=False)):
-        x = pixels([render(sample_object(rng), image_size) for _ in range(batch_size)])  # (B, 3, S, S)
+        x = pixels([render(sample_object(rng, colours=colours), image_size) for _ in range(batch_size)])
         posterior = vae.encode(x).latent_dist
         error = vae.decode(posterior.sample()).sample - x  # (B, 3, S, S)
         weights = object_weights(x)
@@ -577,7 +593,7 @@ def pretrain_toy_vae(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     vae.eval()
     with torch.no_grad():
-        x = pixels([render(sample_object(rng), image_size) for _ in range(256)])
+        x = pixels([render(sample_object(rng, colours=colours), image_size) for _ in range(256)])
         posteriors = [vae.encode(b).latent_dist for b in x.split(64)]
         latents = torch.cat([p.mode() for p in posteriors])  # (256, 4, s, s)
         posterior_std = float(torch.cat([p.std for p in posteriors]).mean() / latents.std())
@@ -589,7 +605,7 @@ def pretrain_toy_vae(
         "latent_shape": list(latents.shape[1:]),
         "posterior_std": posterior_std,
         "parameters": sum(p.numel() for p in vae.parameters()),
-        **evaluate_toy_vae(folder, eval_samples, seed),
+        **evaluate_toy_vae(folder, eval_samples, seed, colours),
     }
 
 
@@ -614,7 +630,7 @@ def _language_and_vae_lane(
     seconds: dict[str, float] = {}
     metrics: dict[str, Any] = {}
     start = time.perf_counter()
-    tokenizer = train_toy_tokenizer(out / "llm", seed=seed)
+    tokenizer = train_toy_tokenizer(out / "llm", seed=seed, colours=llm["colours"])
     seconds["tokenizer"] = time.perf_counter() - start
     start = time.perf_counter()
     metrics["llm"] = pretrain_toy_llama(out / "llm", tokenizer, seed=seed, **llm)
@@ -631,7 +647,12 @@ def _language_and_vae_lane(
 
 
 def build_toy_backbones(
-    out: str | Path, seed: int = 0, fast: bool = False, vae_downsamplings: int = 2, workers: int = 1
+    out: str | Path,
+    seed: int = 0,
+    fast: bool = False,
+    vae_downsamplings: int = 2,
+    workers: int = 1,
+    understanding_only_colours: bool = False,
 ) -> dict[str, Any]:
     """Pretrain and save the toy CLIP (`out/clip`), tokenizer + Llama (`out/llm`) and VAE (`out/vae`); write
     `out/backbones.json` (configs, metrics, wall times) and return its content.
@@ -642,6 +663,8 @@ def build_toy_backbones(
         tokenizer + Llama + VAE in two worker processes at once, one torch thread each (the models are too small
         for a second thread to pay: on 2 cores this is the faster way). The models are the same either way up to
         floating-point summation order.
+    understanding_only_colours: the world of Finding 1's transfer split: the CLIP's captions, the LM's text and the
+        VAE's renders cover pink, teal and brown too (`vpit.toy.world.ALL_COLOURS`).
     """
     if workers not in (1, 2):
         raise ValueError(f"workers must be 1 (in this process) or 2 (two processes), got {workers}")
@@ -652,6 +675,8 @@ def build_toy_backbones(
     vae: dict[str, Any] = {"steps": 4, "batch_size": 4, "eval_samples": 20}
     if not fast:
         clip, llm, vae = {}, {}, {}
+    colours = world_colours(understanding_only_colours)
+    clip, llm, vae = ({**lane, "colours": colours} for lane in (clip, llm, vae))
     start = time.perf_counter()
     if workers == 1:
         vision = _vision_lane(out, seed, clip, threads=None)
@@ -667,6 +692,7 @@ def build_toy_backbones(
     report = {
         "seed": seed,
         "fast": fast,
+        "colours": list(colours),
         "workers": workers,
         "threads": 1 if workers == 2 else torch.get_num_threads(),
         "metrics": {**vision["metrics"], **language["metrics"]},
@@ -692,11 +718,19 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--workers", type=int, default=1, choices=(1, 2), help="2: CLIP and LLM + VAE in two processes at once"
     )
+    parser.add_argument(
+        "--understanding-only-colours", action="store_true", help="pink, teal and brown too (Finding 1's world)"
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = build_toy_backbones(
-        args.out, seed=args.seed, fast=args.fast, vae_downsamplings=args.vae_downsamplings, workers=args.workers
+        args.out,
+        seed=args.seed,
+        fast=args.fast,
+        vae_downsamplings=args.vae_downsamplings,
+        workers=args.workers,
+        understanding_only_colours=args.understanding_only_colours,
     )
     print(json.dumps({"metrics": report["metrics"], "seconds": report["seconds"]}, indent=2))
     return report

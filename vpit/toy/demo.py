@@ -55,6 +55,9 @@ class DemoPlan:
     # compositions drawn right 13-23 points more often than with the cosine on three seeds, benchmarks/RESULTS.md),
     # `vpit` (MetaMorph's cosine, the library's default) or another output-side variant.
     vpit_recipe: str = "vpit_smooth_l1"
+    # Finding 1's world (`vpit.toy.world`): pink, teal and brown in understanding data and the backbones'
+    # pretraining, never a response image; the evaluation adds the transfer split. Off in `make demo`.
+    understanding_only_colours: bool = False
 
     @classmethod
     def full(cls) -> DemoPlan:
@@ -195,11 +198,17 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
         return time.perf_counter()
 
     start = step("toy data")
-    write_toy_data(work / "data", plan.data, seed=seed)
+    write_toy_data(work / "data", plan.data, seed=seed, understanding_only_colours=plan.understanding_only_colours)
     timings["data"] = time.perf_counter() - start
 
     start = step("backbones: toy CLIP, tokenizer + Llama, VAE")
-    backbones = build_toy_backbones(work / "backbones", seed=seed, fast=plan.backbones_fast, workers=min(workers, 2))
+    backbones = build_toy_backbones(
+        work / "backbones",
+        seed=seed,
+        fast=plan.backbones_fast,
+        workers=min(workers, 2),
+        understanding_only_colours=plan.understanding_only_colours,
+    )
     timings["backbones"] = time.perf_counter() - start
 
     runs = {stage: work / stage for stage in ("bridge", "vpit", "decoder", "decoder_predicted")}
@@ -282,7 +291,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
     timings["decoder on predictions"] = stage_seconds["decoder_predicted"] = time.perf_counter() - start
 
     start = step("evaluation (vpit eval toy)")
-    settings = EvalSettings(**plan.eval)
+    settings = EvalSettings(**plan.eval, transfer=plan.understanding_only_colours)
     decoder = runs["decoder_predicted"] / "final"
     evaluation = evaluate_toy(runs["vpit"] / "final", decoder, out=out, settings=settings)
     timings["eval"] = time.perf_counter() - start
@@ -356,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="processes training at once (default: 2 on a machine with 2 or more cores)",
     )
+    parser.add_argument(
+        "--understanding-only-colours",
+        action="store_true",
+        help="Finding 1's world: pink, teal and brown in understanding data and pretraining, never drawn in training; "
+        "the evaluation adds the transfer split",
+    )
     args = parser.parse_args(argv)
     plan = DemoPlan.fast() if args.fast else DemoPlan.full()
     plan.vpit_recipe = args.vpit_recipe
+    plan.understanding_only_colours = args.understanding_only_colours
     run_demo(args.out.resolve(), args.work.resolve(), plan, workers=args.workers, seed=args.seed)
     return 0
 

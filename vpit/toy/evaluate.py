@@ -45,13 +45,16 @@ from ..training.evaluation import normalize_answer
 from .judge import judge
 from .world import (
     ATTRIBUTES,
+    COLOURS,
     QUESTION_KINDS,
     QUESTIONS,
+    UNDERSTANDING_ONLY_COLOURS,
     ToyObject,
     compositions,
     edit,
     jittered,
     render,
+    world_colours,
 )
 
 TARGETS = {
@@ -95,6 +98,14 @@ class EvalSettings:
     prototype_renders: int = 4  # renders per composition averaged into its token-space prototype
     modes: tuple[str, ...] = ()  # other PROMPT_MODES judged too (each composition once), beside "plain"
     edits: int = 90  # editing prompts ("<image> Make it {colour}." / "Move it {where}.") judged; 0: none
+    # Finding 1's transfer split (a world built with `understanding_only_colours`): every composition in pink, teal
+    # and brown, `generation_repeats` times, asked plainly; the judge and token space then choose among nine colours.
+    transfer: bool = False
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        """The colours the judge and the token-space prototypes choose among."""
+        return world_colours(self.transfer)
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -200,11 +211,13 @@ def _generate_images(
     return images, tokens
 
 
-def composition_prototypes(pipe: VPiTPipeline, renders: int, seed: int) -> tuple[list[ToyObject], torch.Tensor]:
-    """Every composition (jitter 0) and its prototype: the mean of the encoder tokens of `renders` jittered renders,
-    flattened to (K * Dv,) and L2-normalised; (180, K * Dv) in all."""
+def composition_prototypes(
+    pipe: VPiTPipeline, renders: int, seed: int, colours: tuple[str, ...] = COLOURS
+) -> tuple[list[ToyObject], torch.Tensor]:
+    """Every composition in `colours` (jitter 0) and its prototype: the mean of the encoder tokens of `renders`
+    jittered renders, flattened to (K * Dv,) and L2-normalised; (180, K * Dv) in all with the six colours."""
     rng = random.Random(f"eval-prototypes:{seed}")
-    objects = [ToyObject(*c) for c in compositions()]
+    objects = [ToyObject(*c) for c in compositions(colours=colours)]
     prototypes = []
     for obj in objects:
         images = [render(jittered(rng, obj.size, obj.colour, obj.shape, obj.position)) for _ in range(renders)]
@@ -243,19 +256,25 @@ def evaluate_generation(
     objects = [
         jittered(rng, *c) for c in compositions() for _ in range(held_out if ToyObject(*c).held_out else repeats)
     ]
+    splits = ["in_distribution", "held_out"]
+    if settings.transfer and mode == "plain":
+        objects += [jittered(rng, *c) for c in compositions(colours=UNDERSTANDING_ONLY_COLOURS) for _ in range(repeats)]
+        splits.append("transfer")
     prompts, start_with_image = mode_prompts(mode, objects, rng)
     images, tokens = _generate_images(pipe, prompts, settings, f"eval: generation ({mode})", progress, start_with_image)
     # Token space scores predicted encoder tokens; a 'queries' model's condition tokens are not encoder tokens.
     scored = not pipe.model.makes_queries
     if scored:
-        prototype_objects, prototypes = composition_prototypes(pipe, settings.prototype_renders, settings.seed)
+        prototype_objects, prototypes = composition_prototypes(
+            pipe, settings.prototype_renders, settings.seed, settings.colours
+        )
     wrong = dict.fromkeys((*ATTRIBUTES, "all"), False)
-    flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
-    token_flags: dict[str, list[dict[str, bool]]] = {"in_distribution": [], "held_out": []}
+    flags: dict[str, list[dict[str, bool]]] = {split: [] for split in splits}
+    token_flags: dict[str, list[dict[str, bool]]] = {split: [] for split in splits}
     examples = []
     for obj, prompt, image, predicted in zip(objects, prompts, images, tokens, strict=True):
-        split = "held_out" if obj.held_out else "in_distribution"
-        match = judge(image).matches(obj) if image is not None else wrong
+        split = "transfer" if obj.understanding_only else "held_out" if obj.held_out else "in_distribution"
+        match = judge(image, settings.colours).matches(obj) if image is not None else wrong
         flags[split].append(match)
         if scored:
             nearest = None if predicted is None else nearest_composition(predicted, prototype_objects, prototypes)
@@ -294,7 +313,7 @@ def evaluate_editing(pipe: VPiTPipeline, settings: EvalSettings, progress: bool 
         for (_, _, after), output in zip(batch, outputs, strict=True):
             missing += not output.images
             wrong = dict.fromkeys((*ATTRIBUTES, "all"), False)
-            flags.append(judge(output.images[0]).matches(after) if output.images else wrong)
+            flags.append(judge(output.images[0], settings.colours).matches(after) if output.images else wrong)
         bar.update(len(batch))
     bar.close()
     return _accuracy(flags) | {"no_image": missing}
@@ -327,7 +346,7 @@ def evaluate_reconstruction(
         )
         reconstructions = list(result.images if not isinstance(result, tuple) else result[0])
         for obj, original, image in zip(batch, originals, reconstructions, strict=True):
-            flags.append(judge(image).matches(obj))
+            flags.append(judge(image, settings.colours).matches(obj))
             pairs.append((original, image))
         bar.update(len(batch))
     bar.close()
@@ -416,10 +435,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         "| generation: per attribute | size | colour | shape | position | all four |",
         "|---|---|---|---|---|---|",
     ]
-    for split in ("in_distribution", "held_out"):
+    splits = [split for split in ("in_distribution", "held_out", "transfer") if split in g]
+    for split in splits:
         acc = g[split]
         lines.append(f"| {split.replace('_', '-')} | " + " | ".join(_pct(acc[k]) for k in (*ATTRIBUTES, "all")) + " |")
-    for split in ("in_distribution", "held_out") if "tokens" in g else ():
+    for split in splits if "tokens" in g else ():
         acc = g["tokens"][split]
         lines.append(
             f"| {split.replace('_', '-')}, token space | "
@@ -449,6 +469,13 @@ def markdown_report(report: dict[str, Any]) -> str:
             "",
             "plain: a training-style instruction; start_with_image: the same, the answer forced to start with an "
             "image; paraphrase: an instruction no training template uses; draw: `vpit chat`'s `/draw CAPTION`.",
+        ]
+    if "transfer" in g:
+        lines += [
+            "",
+            f"Transfer (Finding 1): every composition in a colour only understanding data shows (pink, teal, brown; "
+            f"n={int(g['transfer']['n'])}), all four right: decoded {_pct_ci(g['transfer'])}, token space "
+            + (f"{_pct(g['tokens']['transfer']['all'])}." if "tokens" in g else "not scored (queries mode)."),
         ]
     if g.get("no_image"):
         lines += ["", f"{g['no_image']} generation prompt(s) got a reply without an image (counted wrong)."]

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .world import ANCHORS, ATTRIBUTES, BACKGROUND, CIRCUMRADIUS, PALETTE, SHAPES, SIZES, ToyObject, render
+from .world import ANCHORS, ATTRIBUTES, BACKGROUND, CIRCUMRADIUS, COLOURS, PALETTE, SHAPES, SIZES, ToyObject, render
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background (0-255); yellow, the palest colour, is at 223 from white
 MIN_AREA_FRACTION = 0.005  # 20 px at 64x64, a quarter of the smallest object (the small triangle, ~83 px)
@@ -52,10 +52,8 @@ FADE_COST = 0.75  # what fading costs, per unit of fade and of the colour's stre
 PHASES = 8  # sub-pixel template positions per axis: the search covers +-1/2 px around the centroid in 1/8 px steps
 MIN_SIDE = 16  # the smallest canvas the judge reads (a small triangle is ~20 px there)
 
-_NAMES = tuple(PALETTE)
 _PHASES = (np.arange(PHASES) - PHASES // 2) / PHASES  # (P,) in [-1/2, 1/2)
 _KINDS = tuple((shape, size) for shape in SHAPES for size in SIZES)
-_INKS = np.asarray([[255 - v for v in PALETTE[c]] for c in _NAMES], dtype=np.float64)  # (6, 3): white minus colour
 
 
 @dataclass(frozen=True)
@@ -207,25 +205,30 @@ def _best_template(silhouette: np.ndarray, cx: float, cy: float) -> tuple[str, s
     return shape, size, float(best[k])
 
 
-def _colour(core_ink: np.ndarray) -> tuple[str, float, np.ndarray]:
-    """(palette name, distance, measured ink) for the (N, 3) core pixels, each as background minus pixel.
+def _colour(core_ink: np.ndarray, colours: tuple[str, ...]) -> tuple[str, float, np.ndarray]:
+    """(name, distance, measured ink) for the (N, 3) core pixels, each as background minus pixel, among `colours`.
 
     The median ink m is compared with each palette colour's ink (white - c) faded by the factor a that fits
     best, clipped to FADE_RANGE: distance |m - a (white - c)|. A blurred small object whose core never reaches
     full strength still points in its colour's direction from the background.
     """
     measured = np.median(core_ink, axis=0)  # (3,)
-    strength = (_INKS * _INKS).sum(axis=1)  # (6,): |white - c|^2
+    inks = np.asarray([[255 - v for v in PALETTE[c]] for c in colours], dtype=np.float64)  # (C, 3): white - colour
+    strength = (inks * inks).sum(axis=1)  # (C,): |white - c|^2
     # argmin over a of |m - a ink|^2 + FADE_COST^2 (1 - a)^2 |ink|^2, which is convex in a: clipping is exact
-    fade = np.clip((_INKS @ measured / strength + FADE_COST**2) / (1 + FADE_COST**2), *FADE_RANGE)  # (6,)
-    residual = np.linalg.norm(measured[None, :] - fade[:, None] * _INKS, axis=1)  # (6,)
-    distances = np.hypot(residual, FADE_COST * (1 - fade) * np.sqrt(strength))  # (6,)
+    fade = np.clip((inks @ measured / strength + FADE_COST**2) / (1 + FADE_COST**2), *FADE_RANGE)  # (C,)
+    residual = np.linalg.norm(measured[None, :] - fade[:, None] * inks, axis=1)  # (C,)
+    distances = np.hypot(residual, FADE_COST * (1 - fade) * np.sqrt(strength))  # (C,)
     best = int(np.argmin(distances))
-    return _NAMES[best], float(distances[best]), measured
+    return colours[best], float(distances[best]), measured
 
 
-def judge(image: Image.Image | np.ndarray) -> Judgement:
-    """Read the one toy object of `image` (a PIL image or a (S, S, 3) uint8 array, any square size S >= 16)."""
+def judge(image: Image.Image | np.ndarray, colours: tuple[str, ...] = COLOURS) -> Judgement:
+    """Read the one toy object of `image` (a PIL image or a (S, S, 3) uint8 array, any square size S >= 16).
+
+    colours: the names the colour is chosen among: the six of every response image, or `ALL_COLOURS` (nine) in a
+    world with the understanding-only colours.
+    """
     pixels = _pixels(image)  # (S, S, 3)
     side = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])  # (4S - 4, 3)
@@ -239,7 +242,7 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
 
     blob_distance = distance[blob]  # (N,)
     core_ink = ink[blob][blob_distance >= CORE_FRACTION * np.percentile(blob_distance, 90)]  # (K, 3)
-    colour, colour_distance, measured = _colour(core_ink)
+    colour, colour_distance, measured = _colour(core_ink, colours)
 
     opacity = ink @ measured / max(float(measured @ measured), 1e-6)  # (S, S): 0 = background, 1 = the core
     silhouette = blob & (opacity > 0.5)
@@ -264,7 +267,9 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
     )
 
 
-def score(pairs: Iterable[tuple[ToyObject, Image.Image | np.ndarray]]) -> dict[str, float]:
+def score(
+    pairs: Iterable[tuple[ToyObject, Image.Image | np.ndarray]], colours: tuple[str, ...] = COLOURS
+) -> dict[str, float]:
     """Accuracy of the images against their intended objects: one fraction per attribute, "all", and "n".
 
     Example:
@@ -277,7 +282,7 @@ def score(pairs: Iterable[tuple[ToyObject, Image.Image | np.ndarray]]) -> dict[s
     right = dict.fromkeys(keys, 0)
     n = 0
     for obj, image in pairs:
-        verdict = judge(image).matches(obj)
+        verdict = judge(image, colours).matches(obj)
         for key in keys:
             right[key] += verdict[key]
         n += 1

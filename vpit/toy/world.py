@@ -8,7 +8,10 @@ test agree:
   8 or 14 px at 64x64) and position (five anchors, jittered by at most 0.04 of the canvas);
 - the caption `a {size} {colour} {shape} {where}`;
 - the held-out (colour, shape) pairs purple triangle, orange square and green circle never occur as a response
-  image (generation or editing target) but do occur in understanding data.
+  image (generation or editing target) but do occur in understanding data;
+- the understanding-only colours pink, teal and brown (a world option, off by default: `understanding_only_colours`)
+  occur in understanding data, the backbones' pretraining and the decoder's images, never as a response image:
+  what Finding 1's transfer split asks the model to draw.
 
 Example:
     >>> obj = ToyObject("small", "red", "circle", "left")
@@ -47,8 +50,14 @@ PALETTE: dict[str, Colour] = {
     "yellow": (230, 200, 40),
     "purple": (140, 60, 180),
     "orange": (240, 130, 30),
+    # Understanding-only: never a response image, and only in a world built with `understanding_only_colours`.
+    "pink": (235, 110, 170),
+    "teal": (20, 150, 150),
+    "brown": (130, 80, 40),
 }
-COLOURS = tuple(PALETTE)
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")  # the colours of every response image
+UNDERSTANDING_ONLY_COLOURS = ("pink", "teal", "brown")
+ALL_COLOURS = COLOURS + UNDERSTANDING_ONLY_COLOURS
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 CIRCUMRADIUS = {"small": 8, "large": 14}  # px at 64x64
@@ -86,7 +95,7 @@ class ToyObject:
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("size", self.size, SIZES),
-            ("colour", self.colour, COLOURS),
+            ("colour", self.colour, ALL_COLOURS),
             ("shape", self.shape, SHAPES),
             ("position", self.position, POSITIONS),
         ):
@@ -113,6 +122,11 @@ class ToyObject:
         return (self.colour, self.shape) in HELD_OUT
 
     @property
+    def understanding_only(self) -> bool:
+        """Drawn in a colour no response image has (pink, teal, brown)."""
+        return self.colour in UNDERSTANDING_ONLY_COLOURS
+
+    @property
     def attributes(self) -> dict[str, str]:
         return {"size": self.size, "colour": self.colour, "shape": self.shape, "position": self.position}
 
@@ -130,11 +144,19 @@ class ToyObject:
         return cls(meta["size"], meta["colour"], meta["shape"], meta["position"], round(cx - fx, 4), round(cy - fy, 4))
 
 
-def compositions(*, include_held_out: bool = True) -> list[tuple[str, str, str, str]]:
-    """Every (size, colour, shape, position): 180 in all, 150 without the held-out (colour, shape) pairs."""
+def world_colours(understanding_only_colours: bool = False) -> tuple[str, ...]:
+    """The colours a world's images are drawn in: the six, or nine with the understanding-only ones."""
+    return ALL_COLOURS if understanding_only_colours else COLOURS
+
+
+def compositions(
+    *, include_held_out: bool = True, colours: tuple[str, ...] = COLOURS
+) -> list[tuple[str, str, str, str]]:
+    """Every (size, colour, shape, position) in `colours`: 180 in all with the six, 150 without the held-out
+    (colour, shape) pairs; 270 with the nine."""
     return [
         (size, colour, shape, position)
-        for size, colour, shape, position in itertools.product(SIZES, COLOURS, SHAPES, POSITIONS)
+        for size, colour, shape, position in itertools.product(SIZES, colours, SHAPES, POSITIONS)
         if include_held_out or (colour, shape) not in HELD_OUT
     ]
 
@@ -146,10 +168,11 @@ def jittered(rng: random.Random, size: str, colour: str, shape: str, position: s
     return ToyObject(size, colour, shape, position, dx, dy)
 
 
-def sample_object(rng: random.Random, *, held_out: bool | None = None) -> ToyObject:
-    """A uniformly random object. held_out: None = any; False = never a held-out pair; True = only those."""
+def sample_object(rng: random.Random, *, held_out: bool | None = None, colours: tuple[str, ...] = COLOURS) -> ToyObject:
+    """A uniformly random object in one of `colours`. held_out: None = any; False = never a held-out pair; True =
+    only those."""
     while True:
-        obj = jittered(rng, rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(POSITIONS))
+        obj = jittered(rng, rng.choice(SIZES), rng.choice(colours), rng.choice(SHAPES), rng.choice(POSITIONS))
         if held_out is None or obj.held_out == held_out:
             return obj
 
@@ -198,8 +221,9 @@ def understanding_record(rng: random.Random, obj: ToyObject, image: str, index: 
 
 def generation_record(obj: ToyObject, image: str, index: int) -> dict[str, Any]:
     """A `caption` record; the card turns it into an instruction (one of GENERATION_TEMPLATES) and the response."""
-    if obj.held_out:
-        raise ValueError(f"{obj.caption}: a held-out composition may not be a generation target")
+    if obj.held_out or obj.understanding_only:
+        what = "an understanding-only colour" if obj.understanding_only else "a held-out composition"
+        raise ValueError(f"{obj.caption}: {what} may not be a generation target")
     return {"id": f"toy-gen-{index:06d}", "image": image, "caption": obj.caption, "meta": obj.meta()}
 
 
@@ -222,15 +246,24 @@ def edit(rng: random.Random, before: ToyObject) -> tuple[str, ToyObject]:
 KINDS = ("understanding", "generation", "editing")
 
 
-def _objects(rng: random.Random, kind: str, n: int) -> Iterator[ToyObject]:
+def _objects(rng: random.Random, kind: str, n: int, colours: tuple[str, ...]) -> Iterator[ToyObject]:
     for _ in range(n):
-        yield sample_object(rng, held_out=False if kind == "generation" else None)
+        yield sample_object(rng, held_out=False if kind == "generation" else None, colours=colours)
 
 
-def write_split(folder: str | Path, kind: str, n: int, seed: int, canvas: int = CANVAS) -> Path:
+def write_split(
+    folder: str | Path,
+    kind: str,
+    n: int,
+    seed: int,
+    canvas: int = CANVAS,
+    understanding_only_colours: bool = False,
+) -> Path:
     """Write `n` seeded records of one kind as `folder/records.jsonl` + `folder/images/*.png`; return the JSONL.
 
-    The folder is replaced. The same (kind, n, seed, canvas) always gives the same bytes.
+    The folder is replaced. The same (kind, n, seed, canvas, option) always gives the same bytes. With
+    `understanding_only_colours`, understanding records draw from the nine colours; generation and editing
+    records (inputs and targets) keep the six, so no response image is pink, teal or brown.
     """
     if kind not in KINDS:
         raise ValueError(f"toy data kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -240,7 +273,8 @@ def write_split(folder: str | Path, kind: str, n: int, seed: int, canvas: int = 
     (folder / "images").mkdir(parents=True)
     rng = random.Random(f"{kind}:{seed}")
     records: list[dict[str, Any]] = []
-    for i, obj in enumerate(_objects(rng, kind, n)):
+    colours = world_colours(understanding_only_colours and kind == "understanding")
+    for i, obj in enumerate(_objects(rng, kind, n, colours)):
         if kind == "editing":
             instruction, after = edit(rng, obj)
             before_name, after_name = f"edit_{i:06d}_input.png", f"edit_{i:06d}_output.png"
@@ -267,16 +301,26 @@ def write_split(folder: str | Path, kind: str, n: int, seed: int, canvas: int = 
     return path
 
 
-def write_toy_data(root: str | Path, sizes: dict[str, int], seed: int = 0, canvas: int = CANVAS) -> dict[str, Path]:
+def write_toy_data(
+    root: str | Path,
+    sizes: dict[str, int],
+    seed: int = 0,
+    canvas: int = CANVAS,
+    understanding_only_colours: bool = False,
+) -> dict[str, Path]:
     """Write one split per kind under `root/<kind>/` (sizes: kind -> number of records); return kind -> JSONL."""
-    return {kind: write_split(Path(root) / kind, kind, n, seed, canvas) for kind, n in sizes.items() if n > 0}
+    return {
+        kind: write_split(Path(root) / kind, kind, n, seed, canvas, understanding_only_colours)
+        for kind, n in sizes.items()
+        if n > 0
+    }
 
 
-def toy_text_corpus(rng: random.Random, n: int) -> list[str]:
+def toy_text_corpus(rng: random.Random, n: int, colours: tuple[str, ...] = COLOURS) -> list[str]:
     """Plain toy-world sentences (captions, questions and answers, instructions) for tokenizer and LM pretraining."""
     lines: list[str] = []
     for _ in range(n):
-        obj = sample_object(rng)
+        obj = sample_object(rng, colours=colours)
         kind = rng.choice(QUESTION_KINDS)
         phrasings, answer = QUESTIONS[kind]
         lines.append(
@@ -286,7 +330,7 @@ def toy_text_corpus(rng: random.Random, n: int) -> list[str]:
                     f"{rng.choice(phrasings)} {answer(obj)}.",
                     rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption),
                     f"The {obj.shape} is {obj.colour} and {obj.size}, {obj.where}.",
-                    f"Make it {rng.choice(COLOURS)}. Move it {rng.choice(list(WHERE.values()))}.",
+                    f"Make it {rng.choice(colours)}. Move it {rng.choice(list(WHERE.values()))}.",
                 )
             )
         )
