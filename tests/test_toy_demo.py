@@ -220,6 +220,47 @@ def test_finding1_trains_both_arms_per_size_and_writes_table_and_plot(tmp_path, 
         finding1.main(["--sizes", "100", "--toy", str(toy), "--work", str(tmp_path / "f2")])
 
 
+def test_finding1_transfer_trains_three_arms_per_size_and_seed(tmp_path, monkeypatch):
+    """`python -m benchmarks.finding1 --transfer`: the arms, steps and seeds it trains, the pooled table, and the
+    refusal of a world without the new colours (training and scoring replaced by recorders, as above)."""
+    from benchmarks import finding1
+
+    toy = tmp_path / "toy"
+    for folder in ("bridge/final", "decoder/final", "data/generation", "backbones"):
+        (toy / folder).mkdir(parents=True)
+    (toy / "data" / "generation" / "records.jsonl").write_text("{}\n" * 30)
+    (toy / "backbones" / "backbones.json").write_text(json.dumps({"colours": ["red"] * 6}))
+    args = ["--transfer", "--sizes", "10", "30", "--steps", "7", "--seeds", "0", "1", "--toy", str(toy)]
+    args += ["--work", str(tmp_path / "f1"), "--results", str(tmp_path / "results")]
+    with pytest.raises(SystemExit, match="not a world with the understanding-only colours: build it with"):
+        finding1.main(args)
+    (toy / "backbones" / "backbones.json").write_text(json.dumps({"colours": ["c"] * 9}))
+    trained = []
+
+    def train_arm(toy_dir, run, n, with_understanding, steps, seed):
+        trained.append((n, with_understanding, steps, seed))
+        (run / "final").mkdir(parents=True)
+
+    def score_transfer(model):
+        n, und, _, seed = trained[-1]
+        right = 9 * (n // 10) + (30 if und else 0) + seed  # out of 90: a figure that differs per arm and seed
+        split = {"all": right / 90, "n": 90.0}
+        probe = {"new": {"right": right, "n": 90}, "trained": {"right": 180, "n": 180}}
+        return {"tokens": {"transfer": split, "in_distribution": split, "held_out": split}, "probe": probe}
+
+    monkeypatch.setattr(finding1, "train_arm", train_arm)
+    monkeypatch.setattr(finding1, "score_transfer", score_transfer)
+    assert finding1.main(args) == 0
+    assert trained[:3] == [(10, False, 7, 0), (10, True, 14, 0), (10, True, 7, 0)]
+    assert len(trained) == 2 * 2 * 3 and {t[3] for t in trained} == {0, 1}
+    table = (tmp_path / "results" / "finding1_transfer.md").read_text()
+    # generation only at N=10: seeds 0 and 1 get 9/90 and 10/90: mean 10.6%, pooled Wilson on 19/180.
+    low, high = wilson_interval(19, 180)
+    assert f"| 10 | generation only | 10.6% [{100 * low:.1f}, {100 * high:.1f}] (10 / 11) |" in table
+    assert "| 30 | + understanding, matched steps | 63.9%" in table  # (57 + 58) / 2 of 90
+    assert (tmp_path / "results" / "finding1_transfer.png").stat().st_size > 0
+
+
 def test_finding1_mixture_caps_the_generation_records(tmp_path):
     from benchmarks.finding1 import _mixture
 
