@@ -79,7 +79,7 @@ def test_the_judge_reads_nine_colours_when_asked(degrade):
         (obj, degrade(render(obj, canvas), rng)) for obj in (ToyObject(*c) for c in compositions(colours=ALL_COLOURS))
     ]
     nine = score(pairs, ALL_COLOURS)
-    assert nine["n"] == 270 and nine["colour"] >= 0.99 and nine["all"] >= 0.98
+    assert nine["n"] == 270 and nine["all"] == 1.0  # measured: 100% under each degradation (seeded)
 
 
 class StubPipe:
