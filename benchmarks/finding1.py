@@ -36,7 +36,7 @@ Each run is scored in token space (no decoder): the transfer split (every pink, 
 in-distribution and the held-out compositions, against prototypes of all nine colours; and by a probe of whether the
 model names a new colour when it reads one: "What colour is the shape?" on renders of the new colours, answered
 greedily. Per arm and size: the mean over seeds, each seed's figure, and the 95 % Wilson interval of the pooled
-prompts. Budget: about 30 minutes on 2 CPU cores with the transfer defaults (2 sizes x 3 seeds x 3 arms, 80 steps). Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
+prompts. Budget: about 25 minutes on 2 CPU cores with the transfer defaults (2 sizes x 3 seeds x 3 arms, 150 steps). Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
 line per arm), and copies the table and plot to benchmarks/results/. Budget: about 20 minutes on 2 CPU cores with
 the defaults (4 runs of 150 steps, 4 of 300, 8 generation evaluations).
 """
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", type=int, nargs="+", default=None, help="default 100 300 1000 3000; transfer: 100 1000"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps of the generation-only runs (150; transfer 80)"
+        "--steps", type=int, default=None, help="optimizer steps of the generation-only runs (default 150)"
     )
     parser.add_argument(
         "--transfer", action="store_true", help="the transfer experiment (a world with the new colours)"
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes is None:
         args.sizes = [100, 1000] if args.transfer else [100, 300, 1000, 3000]
     if args.steps is None:
-        args.steps = 80 if args.transfer else 150
+        args.steps = 150
     toy, work = args.toy.resolve(), args.work.resolve()
     for needed in (toy / "bridge" / "final", toy / "decoder" / "final", toy / "data" / "generation"):
         if not needed.exists():
