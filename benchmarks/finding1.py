@@ -20,7 +20,9 @@ decoder is shared by all runs: it maps the vision encoder's tokens to pixels and
 model; the token-space figure is the language model's alone.
 
 Needs `make demo` first (it builds outputs/toy: data, backbones, bridge and decoder); run from the repository
-root.
+root. Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
+line per arm), and copies the table and plot to benchmarks/results/. Budget: about 20 minutes on 2 CPU cores with
+the defaults (4 runs of 150 steps, 4 of 300, 8 generation evaluations).
 
 The transfer experiment (`--transfer`) asks the cleaner question: can the model draw colours that only
 understanding data showed it? Its world is built with `python -m vpit.toy.demo --understanding-only-colours --work
@@ -36,9 +38,8 @@ Each run is scored in token space (no decoder): the transfer split (every pink, 
 in-distribution and the held-out compositions, against prototypes of all nine colours; and by a probe of whether the
 model names a new colour when it reads one: "What colour is the shape?" on renders of the new colours, answered
 greedily. Per arm and size: the mean over seeds, each seed's figure, and the 95 % Wilson interval of the pooled
-prompts. Budget: about 25 minutes on 2 CPU cores with the transfer defaults (2 sizes x 3 seeds x 3 arms, 150 steps). Writes `WORK/finding1.json`, `WORK/finding1.md` and `WORK/finding1.png` (generation accuracy against N, one
-line per arm), and copies the table and plot to benchmarks/results/. Budget: about 20 minutes on 2 CPU cores with
-the defaults (4 runs of 150 steps, 4 of 300, 8 generation evaluations).
+prompts, in `WORK/finding1_transfer.{json,md,png}` (copied to benchmarks/results/). Budget: about 25 minutes on 2
+CPU cores with the transfer defaults (sizes 100 and 1000, seeds 0-2, three arms, 150 steps).
 """
 
 from __future__ import annotations
