@@ -58,8 +58,8 @@ def test_caption_and_attributes():
     assert obj.caption == "a small red circle on the left"
     assert ToyObject("large", "green", "triangle", "center").caption == "a large green triangle in the center"
     assert ToyObject.from_meta(jittered(random.Random(0), "large", "blue", "square", "top").meta()).position == "top"
-    with pytest.raises(ValueError, match="colour 'pink'"):
-        ToyObject("small", "pink", "circle", "left")
+    with pytest.raises(ValueError, match="colour 'magenta'"):
+        ToyObject("small", "magenta", "circle", "left")
     with pytest.raises(ValueError, match="jitter"):
         ToyObject("small", "red", "circle", "left", dx=0.05)
 
