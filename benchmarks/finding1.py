@@ -143,6 +143,19 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_results(
+    work: Path, results_dir: Path, stem: str, report: dict[str, Any], markdown: str, plotter: Any
+) -> None:
+    """WORK/STEM.json, .md and .png (`plotter(results, path)`), copied to `results_dir`; the table printed."""
+    (work / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / f"{stem}.md").write_text(markdown)
+    plotter(report["results"], work / f"{stem}.png")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".md", ".png"):
+        shutil.copy(work / f"{stem}{suffix}", results_dir / f"{stem}{suffix}")
+    print("\n" + markdown)
+
+
 # ------------------------------------------------------------------------------------------ the transfer experiment
 
 TRANSFER_ARMS = (
@@ -267,7 +280,6 @@ def run_transfer(args: argparse.Namespace, toy: Path, work: Path) -> int:
                 print(transfer_table(results), flush=True)
     report = {"sizes": args.sizes, "seeds": args.seeds, "steps": args.steps, "results": results,
               "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-    (work / "finding1_transfer.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = (
         f"# Finding 1 on the toy world: transfer to colours only understanding data shows\n\n"
         f"{args.steps} steps per generation-only run, batch 16, seeds {args.seeds}; {report['seconds']:.0f} s in all. "
@@ -275,12 +287,7 @@ def run_transfer(args: argparse.Namespace, toy: Path, work: Path) -> int:
         + transfer_table(results)
         + "\n\n![transfer](finding1_transfer.png)\n"
     )
-    (work / "finding1_transfer.md").write_text(markdown)
-    plot_transfer(results, work / "finding1_transfer.png")
-    args.results.mkdir(parents=True, exist_ok=True)
-    for name in ("finding1_transfer.json", "finding1_transfer.md", "finding1_transfer.png"):
-        shutil.copy(work / name, args.results / name)
-    print("\n" + markdown)
+    write_results(work, args.results, "finding1_transfer", report, markdown, plot_transfer)
     return 0
 
 
@@ -340,7 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (work / "finding1.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = (
         f"# Finding 1 on the toy world\n\nGeneration only: {args.steps} steps per run; + understanding: "
         f"{2 * args.steps if args.match == 'generation' else args.steps} (matched: {args.match}); batch 16; "
@@ -348,12 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         + table(results)
         + "\n\n![generation accuracy vs generation data](finding1.png)\n"
     )
-    (work / "finding1.md").write_text(markdown)
-    plot(results, work / "finding1.png")
-    args.results.mkdir(parents=True, exist_ok=True)
-    for name in ("finding1.json", "finding1.md", "finding1.png"):
-        shutil.copy(work / name, args.results / name)
-    print("\n" + markdown)
+    write_results(work, args.results, "finding1", report, markdown, plot)
     return 0
 
 
