@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,22 @@ import torch
 
 import vpit
 from vpit.toy.tiny import save_tiny_llama, save_tiny_open_clip
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n auto --dist loadfile`), the workers share the cores: each takes its
+    share of torch threads instead of every worker starting one per core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: for `accelerate launch --main_process_port` and the web app, so that tests
+    running at once under pytest-xdist never meet on accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

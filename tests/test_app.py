@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_pipeline
+from conftest import free_port, save_tiny_pipeline
 from PIL import Image
 
 import vpit.inference.pipeline as pipeline_module
@@ -203,12 +202,6 @@ def test_the_app_command_serves_this_machine_by_default():
 
 
 # ------------------------------------------------------------------------------------------------- browser
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def serve(folders: dict[str, Path], log: Path, port: int) -> subprocess.Popen:

@@ -1,9 +1,10 @@
 """Readers and format conversion: LLaVA / ShareGPT, messages, captions as generation data, edits, frames."""
 
+import io
 import json
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vpit.data.formats import (
     GENERATION_RESPONSE,
@@ -15,7 +16,7 @@ from vpit.data.formats import (
     record_to_sample,
 )
 from vpit.data.records import RecordError
-from vpit.model.images import load_image
+from vpit.model.images import ImageError, load_image
 
 LLAVA = {
     "id": "000000033471",
@@ -140,3 +141,17 @@ def test_datasets_folder_with_image_feature_and_streaming(tmp_path):
         assert [i for i, _ in rows] == [0, 1, 2]
         sample = record_to_sample(rows[2][1], "caption", index=2)
         assert load_image(sample.images[0]).getpixel((0, 0)) == (80, 0, 0)
+
+
+def test_a_truncated_image_is_refused_even_when_a_library_allows_them(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES on import; PIL then pads a truncated file
+    with grey. vpit's loader refuses it anyway, and leaves the flag as it found it."""
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, format="PNG")
+    (tmp_path / "truncated.png").write_bytes(buffer.getvalue()[:300])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with Image.open(tmp_path / "truncated.png") as padded:
+        padded.load()  # what any other loader in this process now accepts
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(tmp_path / "truncated.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
+from conftest import free_port
 from distributed_probe import OPTIM, training_mixture
 from training_helpers import merge_batches
 
@@ -65,6 +66,8 @@ def _launch(engine, out, tiny_llama, tiny_clip, text_card, model_extra=None, ste
         CONFIGS[engine],
         "--num_processes",
         "2",
+        "--main_process_port",
+        str(free_port()),
         "--mixed_precision",
         "no",  # fp32: the comparison with one process is to 1e-5
         "tests/distributed_probe.py",
@@ -207,6 +210,8 @@ def test_fsdp_launch_on_cpus_fails_loudly(tiny_llama, tiny_clip, tmp_path):
         CONFIGS["fsdp2"],
         "--num_processes",
         "2",
+        "--main_process_port",
+        str(free_port()),
         "-m",
         "vpit.train",
         "recipes/toy/vpit.yaml",

@@ -4,7 +4,7 @@ loss."""
 
 import pytest
 import torch
-from conftest import UNDERSTANDING, encode_conversations
+from conftest import UNDERSTANDING, encode_conversations, free_port
 from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import history, run_killed_at_publish, run_training
@@ -327,7 +327,7 @@ def test_two_ranks_under_zero3_train_and_save_the_pair(tiny_vpit, tmp_path):
     overrides = _stage_overrides(tmp_path / "bridge", out, **{"train.max_steps": 4, "decoder.ema_decay": "null",
                                                               "data.batch_size": 4, "train.checkpoint_every": 2})  # fmt: skip
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               "recipes/accelerate/deepspeed_zero3.yaml", "--num_processes", "2", "--mixed_precision", "no",
+               "recipes/accelerate/deepspeed_zero3.yaml", "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", "no",
                "-m", "vpit.train", "recipes/toy/queries.yaml", *overrides]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=env)

@@ -90,6 +90,7 @@ def test_language_model_exports_as_plain_transformers_folder(tiny_vpit, tmp_path
     script = f"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads({torch.get_num_threads()})  # bit-equal logits need the same reduction order as this process
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llm")!r}).eval()
 tok = AutoTokenizer.from_pretrained({str(tmp_path / "llm")!r})
 ref = torch.load({str(tmp_path / "ref.pt")!r}, weights_only=True)

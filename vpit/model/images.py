@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 # reason code -> what it means (shown in data reports, which add the record-level reasons)
 IMAGE_REASONS: dict[str, str] = {
@@ -105,7 +105,7 @@ def load_image(source: ImageSource, root: Path | None = None) -> Image.Image:
     """
     try:
         image = _open(source, root)
-        image.load()  # decode now: truncated files fail here, not later inside a DataLoader worker
+        _decode_whole(image)  # decode now: truncated files fail here, not later inside a DataLoader worker
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
@@ -114,6 +114,18 @@ def load_image(source: ImageSource, root: Path | None = None) -> Image.Image:
         raise ImageError("empty_image", f"{_describe(source)} is {image.width}x{image.height}")
     image = ImageOps.exif_transpose(image)
     return to_rgb(image)
+
+
+def _decode_whole(image: Image.Image) -> None:
+    """`image.load()` with truncated files refused whatever PIL's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES`
+    says: libraries set it on import (lmms-eval's `lmms_eval.api.task` does), after which PIL pads a truncated file
+    with grey and a corrupt record would be trained on silently."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def _describe(source: ImageSource) -> str:
