@@ -16,6 +16,8 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
 )
@@ -29,6 +31,7 @@ from vpit.toy.decoder import save_tiny_stable_diffusion, toy_decoder_components
 from vpit.training.diffusion import (
     create_decoder_ema,
     decoder_loss,
+    decoder_schedulers,
     decoder_trainable_parameters,
     encode_latents,
     validation_reconstructions,
@@ -420,6 +423,111 @@ def test_v_prediction_and_sample_targets_change_the_loss():
     v_weighted, _, _ = loss_parts(prediction_type="v_prediction", snr_gamma=5.0)
     snr = compute_snr(scheduler, v_weighted.timesteps)
     assert torch.allclose(v_weighted.weights, torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+def flow_loss(shift: float = 1.0, batch: int = 4, **kwargs):
+    """decoder_loss under flow_prediction with a UNet that records its input and timesteps and predicts zeros, so
+    that each sample's MSE is the mean square of its target."""
+    torch.manual_seed(0)
+    parts = toy_decoder_components(DV, K)
+    sampling, training = decoder_schedulers(parts["scheduler"], "flow_prediction", shift)
+    seen = {}
+
+    def record(sample, timestep, encoder_hidden_states=None, return_dict=True):
+        seen.update(sample=sample.detach(), timestep=timestep.detach())
+        return (torch.zeros_like(sample) + 0.0 * encoder_hidden_states.sum(),)
+
+    parts["unet"].forward = record
+    latents = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = decoder_loss(parts["unet"], parts["projector"], training, tokens(batch), latents=latents,
+                       generator=torch.Generator().manual_seed(2), **kwargs)  # fmt: skip
+    return out, latents, seen, sampling
+
+
+def test_flow_prediction_noises_on_the_straight_line_and_targets_the_velocity():
+    out, x0, seen, sampling = flow_loss(shift=3.0)
+    assert isinstance(sampling, DPMSolverMultistepScheduler)
+    assert sampling.config.use_flow_sigmas and sampling.config.prediction_type == "flow_prediction"
+    assert sampling.config.flow_shift == 3.0
+    sigma = (seen["timestep"] / 1000).reshape(-1, 1, 1, 1)  # the UNet sees sigma * num_train_timesteps
+    assert torch.equal(seen["timestep"], out.timesteps) and ((sigma > 0) & (sigma <= 1)).all()
+    noise = (seen["sample"] - (1 - sigma) * x0) / sigma  # x_t = (1 - sigma) x0 + sigma noise
+    assert noise.std().item() == pytest.approx(1.0, abs=0.15)  # the draw was N(0, 1): x_t is on the line
+    expected = ((noise - x0) ** 2).mean(dim=(1, 2, 3))  # the target is the velocity noise - x0
+    torch.testing.assert_close(out.per_sample_mse, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out.weights, torch.ones(4))
+
+
+def test_flow_timestep_sampling_and_shift_move_the_sigmas():
+    def sigmas(shift=1.0, **kwargs):
+        return flow_loss(shift, batch=2048, **kwargs)[0].timesteps / 1000
+
+    uniform, logit_normal, shifted = sigmas(), sigmas(timestep_sampling="logit_normal"), sigmas(shift=3.0)
+    middle = [((s > 0.25) & (s < 0.75)).float().mean().item() for s in (uniform, logit_normal)]
+    # uniform: half of the sigmas in the middle half; logit-normal(0, 1): 74 % of them.
+    assert middle[0] == pytest.approx(0.5, abs=0.04) and middle[1] == pytest.approx(0.74, abs=0.04)
+    # shift 3 maps the median 0.5 to 3 * 0.5 / (1 + 2 * 0.5) = 0.75: training spends more of its draws at high noise.
+    assert shifted.median().item() == pytest.approx(0.75, abs=0.03)
+
+
+def test_flow_sampling_lands_on_the_point_a_perfect_velocity_leads_to():
+    """DPM-Solver++ on flow sigmas, driven by the exact velocity of a one-point distribution, ends on that point:
+    the pipeline and the scheduler integrate the flow the loss trains."""
+    pipe = toy_pipeline()
+    pipe.scheduler, _ = decoder_schedulers(pipe.scheduler, "flow_prediction", 3.0)
+    target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def exact(sample, timestep, encoder_hidden_states=None, return_dict=True):
+        sigma = float(timestep) / 1000
+        return ((sample - target) / max(sigma, 1e-3),)  # v = noise - x0 = (x_t - x0) / sigma
+
+    pipe.unet.forward = exact
+    latents = pipe(visual_tokens=tokens(1), num_inference_steps=8, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    torch.testing.assert_close(latents, target, atol=2e-2, rtol=0)
+
+
+def test_flow_prediction_trains_and_its_scheduler_survives_save_and_load(tmp_path):
+    pipe = toy_pipeline()
+    pipe.scheduler, training = decoder_schedulers(pipe.scheduler, "flow_prediction", 2.0)
+    assert isinstance(training, FlowMatchEulerDiscreteScheduler) and training.config.shift == 2.0
+    generator = torch.Generator().manual_seed(0)
+    latents = encode_latents(pipe.vae, to_pixels(toy_images(8)), generator)
+    params = decoder_trainable_parameters(pipe)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(30):
+        out = decoder_loss(pipe.unet, pipe.projector, training, tokens(8), latents=latents,
+                           timestep_sampling="logit_normal", generator=generator)  # fmt: skip
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    pipe.unet.eval()
+    expected = sample(pipe)
+    pipe.save_pretrained(tmp_path)
+    loaded = VPiTDecoderPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.use_flow_sigmas and loaded.scheduler.config.flow_shift == 2.0
+    assert torch.equal(sample(loaded), expected)
+    # Continued as a DDPM type, the same folder's scheduler is switched back, so sampling matches training.
+    back, noise = decoder_schedulers(loaded.scheduler, "v_prediction")
+    assert not back.config.use_flow_sigmas and isinstance(noise, DDPMScheduler)
+    assert noise.config.prediction_type == "v_prediction"
+
+
+def test_flow_options_are_refused_where_they_do_not_apply():
+    parts = toy_decoder_components(DV, K)
+    ddpm = DDPMScheduler.from_config(parts["scheduler"].config)
+    _, flow = decoder_schedulers(parts["scheduler"], "flow_prediction")
+    common = {"latents": torch.randn(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match="is for flow_prediction"):
+        decoder_loss(parts["unet"], parts["projector"], ddpm, tokens(1), timestep_sampling="logit_normal", **common)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        decoder_loss(parts["unet"], parts["projector"], flow, tokens(1), snr_gamma=5.0, **common)
+    with pytest.raises(ValueError, match="differs from the noise scheduler"):
+        decoder_loss(parts["unet"], parts["projector"], flow, tokens(1), prediction_type="epsilon", **common)
 
 
 def test_noise_offset_changes_the_loss():

@@ -124,7 +124,8 @@ def test_decoder_trains_on_the_vpit_models_own_predictions(mode, limit, tiny_vpi
     for fraction, expected in ((1.0, [True, False, True]), (0.0, [False, False, False])):
         trainable.settings = type("S", (), {"predicted_tokens_fraction": fraction, "condition_dropout": 0,
                                             "prediction_type": None, "snr_gamma": None, "noise_offset": 0,
-                                            "token_noise": 0})()  # fmt: skip
+                                            "token_noise": 0, "timestep_sampling": "uniform", "logit_mean": 0.0,
+                                            "logit_std": 1.0, "mode_scale": 1.29})()  # fmt: skip
         trainable(None, torch.zeros(3, 3, 8, 8), torch.Generator().manual_seed(0), predicted, has)
         used = [bool((seen[-1][i] == 7.0).all()) for i in range(3)]
         assert used == expected
@@ -158,3 +159,34 @@ def test_predictions_are_generated_as_each_record_answers():
     tokens = _generated(fake, samples)
     assert calls == [(["x"], False), (["xx", "xxx"], True)]
     assert [float(t[0, 0]) for t in tokens] == [1.0, 2.0, 3.0]  # each back in its record's place
+
+
+def test_continuing_a_decoder_with_another_objective_is_refused(tiny_clip, tmp_path):
+    """decoder.init names a saved decoder trained as v-prediction; the recipe (flow matching, the toy default) would
+    silently retrain it under another objective. The error names both and the fix."""
+    from vpit.errors import RecipeError
+    from vpit.toy.decoder import toy_decoder_components
+    from vpit.training.config import recipe_from_dict
+    from vpit.training.diffusion import decoder_schedulers
+    from vpit.training.stages.decoder import build_decoder
+
+    parts = toy_decoder_components(48, 4)
+    parts["scheduler"], _ = decoder_schedulers(parts["scheduler"], "v_prediction")
+    vpit.VPiTDecoderPipeline(**parts).save_pretrained(tmp_path / "v")
+
+    def recipe(**decoder):
+        return recipe_from_dict(
+            {
+                "stage": "decoder",
+                "model": {"vision": f"local-dir:{tiny_clip}", "num_visual_tokens": 4},
+                "decoder": {"init": str(tmp_path / "v"), **decoder},
+                "data": {"mixture": [{"card": "data_cards/toy_generation.yaml"}]},
+            }
+        )
+
+    flow = {"prediction_type": "flow_prediction", "snr_gamma": None, "timestep_sampling": "logit_normal"}
+    with pytest.raises(RecipeError, match=r"trained with prediction_type 'v_prediction'.*'flow_prediction'"):
+        build_decoder(recipe(**flow))
+    assert build_decoder(recipe(prediction_type="v_prediction", snr_gamma=5.0)).scheduler.config.prediction_type == (
+        "v_prediction"
+    )

@@ -360,8 +360,34 @@ class DecoderSection:
     condition_dropout: float = field(
         default=0.7, metadata=_help("probability of the zero condition (classifier-free guidance; MetaMorph 0.7-0.8)")
     )
-    prediction_type: str = field(default="epsilon", metadata=_help("'epsilon', 'v_prediction' or 'sample'"))
-    snr_gamma: float | None = field(default=None, metadata=_help("min-SNR-gamma loss weighting (5.0 usual); null: off"))
+    prediction_type: str = field(
+        default="epsilon",
+        metadata=_help(
+            "'epsilon', 'v_prediction', 'sample' (DDPM noise schedule) or 'flow_prediction' (rectified flow as in SD3 "
+            "/ Sana: x_t = (1 - sigma) x0 + sigma noise, the UNet predicts noise - x0; sampled by DPM-Solver++ on "
+            "flow sigmas)"
+        ),
+    )
+    snr_gamma: float | None = field(
+        default=None, metadata=_help("min-SNR-gamma loss weighting (5.0 usual; DDPM types only); null: off")
+    )
+    flow_shift: float = field(
+        default=1.0,
+        metadata=_help(
+            "flow_prediction: sigma -> shift sigma / (1 + (shift - 1) sigma) in training and sampling, > 1 spends "
+            "more of both at high noise (SD3: 3.0 at 1024 px)"
+        ),
+    )
+    timestep_sampling: str = field(
+        default="uniform",
+        metadata=_help(
+            "flow_prediction: how training draws sigma, 'uniform', 'logit_normal' (SD3) or 'mode' "
+            "(diffusers' compute_density_for_timestep_sampling)"
+        ),
+    )
+    logit_mean: float = field(default=0.0, metadata=_help("timestep_sampling logit_normal: the normal's mean"))
+    logit_std: float = field(default=1.0, metadata=_help("timestep_sampling logit_normal: the normal's std"))
+    mode_scale: float = field(default=1.29, metadata=_help("timestep_sampling mode: its scale (SD3: 1.29)"))
     noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05-0.1 for brighter/darker images)"))
     token_noise: float = field(
         default=0.0,
@@ -401,9 +427,29 @@ class DecoderSection:
     guidance_scale: float = field(default=3.0, metadata=_help("guidance scale of the reconstruction grid"))
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
             raise ValueError(
-                f"decoder.prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}"
+                "decoder.prediction_type must be epsilon, v_prediction, sample or flow_prediction, got "
+                f"{self.prediction_type!r}"
+            )
+        flow = self.prediction_type == "flow_prediction"
+        if flow and self.snr_gamma is not None:
+            raise ValueError(
+                "decoder.snr_gamma (min-SNR weighting) is for the DDPM noise schedule; flow_prediction weighs by "
+                "decoder.timestep_sampling instead: set decoder.snr_gamma=null"
+            )
+        if self.timestep_sampling not in ("uniform", "logit_normal", "mode"):
+            raise ValueError(
+                f"decoder.timestep_sampling must be uniform, logit_normal or mode, got {self.timestep_sampling!r}"
+            )
+        if not flow and (self.timestep_sampling != "uniform" or self.flow_shift != 1.0):
+            raise ValueError(
+                "decoder.timestep_sampling and decoder.flow_shift shape a flow_prediction decoder's training; with "
+                f"prediction_type {self.prediction_type!r} leave them at uniform and 1.0"
+            )
+        if self.flow_shift <= 0 or self.logit_std <= 0:
+            raise ValueError(
+                f"decoder.flow_shift and decoder.logit_std must be > 0, got {self.flow_shift} and {self.logit_std}"
             )
         if not 0 <= self.condition_dropout <= 1:
             raise ValueError(f"decoder.condition_dropout is a probability, got {self.condition_dropout}")

@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -36,7 +39,34 @@ from safetensors.torch import load_file, save_file
 from ..decoder.pipeline_vpit_decoder import VPiTDecoderPipeline
 from ..decoder.projector import VPiTDecoderProjector
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+
+
+def decoder_schedulers(
+    scheduler: SchedulerMixin, prediction_type: str, flow_shift: float = 1.0
+) -> tuple[SchedulerMixin, SchedulerMixin]:
+    """The sampling scheduler a decoder is saved with and the noise scheduler it trains with, for `prediction_type`.
+
+    epsilon / v_prediction / sample: the pipeline's scheduler class with that prediction type, and DDPM's noise
+    schedule on the same betas. flow_prediction (rectified flow): DPM-Solver++ on flow sigmas (`use_flow_sigmas`,
+    `flow_shift`, as Sana samples), and `FlowMatchEulerDiscreteScheduler` with the same shift for training's sigmas;
+    the UNet sees timestep = sigma * num_train_timesteps in both. Continuing a saved decoder with another type
+    reconfigures its scheduler the same way, so sampling always matches training.
+    """
+    config = dict(scheduler.config)  # type: ignore[attr-defined]
+    if prediction_type == "flow_prediction":
+        sampling: Any = DPMSolverMultistepScheduler.from_config(
+            config, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift
+        )
+        training: Any = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=config.get("num_train_timesteps", 1000), shift=flow_shift
+        )
+        return sampling, training
+    flow_keys = {"use_flow_sigmas": False} if "use_flow_sigmas" in config else {}
+    same_class: Any = type(scheduler)  # every diffusers scheduler is a ConfigMixin
+    sampling = same_class.from_config(config, prediction_type=prediction_type, **flow_keys)
+    return sampling, DDPMScheduler.from_config(sampling.config)
 
 
 @dataclass
@@ -93,13 +123,18 @@ def decoder_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     token_noise: float = 0.0,
+    timestep_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
     generator: torch.Generator | None = None,
 ) -> DecoderLossOutput:
     """The denoising loss of one batch.
 
     Args:
         unet, projector: the trainable parts.
-        noise_scheduler: the training noise scheduler (e.g. `DDPMScheduler.from_config(pipe.scheduler.config)`).
+        noise_scheduler: the training noise scheduler, `decoder_schedulers(...)[1]`: a `DDPMScheduler` (epsilon,
+            v_prediction, sample) or a `FlowMatchEulerDiscreteScheduler` (flow_prediction).
         visual_tokens: (B, K, Dv) encoder tokens of the images.
         images: (B, 3, H, W) in [-1, 1]; encoded with `vae` (frozen, no gradient), or used as they are when `vae` is
             None (pixel space). Exclusive with `latents`.
@@ -107,16 +142,20 @@ def decoder_loss(
         vae: the frozen VAE, for `images`.
         condition_dropout: probability of replacing a sample's context with the all-zero context (0.7-0.8 in
             MetaMorph).
-        prediction_type: 'epsilon', 'v_prediction' or 'sample'; None: the scheduler's. It must match the
-            scheduler's (which sampling uses): set it there, e.g. `DDPMScheduler.from_config(config,
-            prediction_type='v_prediction')`, and save the pipeline with a scheduler of the same type.
-        snr_gamma: min-SNR-γ weighting (Hang et al. 2023; 5.0 is the usual value); None: uniform weights.
+        prediction_type: 'epsilon', 'v_prediction', 'sample' or 'flow_prediction'; None: the scheduler's (a
+            flow-matching scheduler's is 'flow_prediction'). It must match the scheduler's (which sampling uses): get
+            both from `decoder_schedulers`, and save the pipeline with its sampling scheduler.
+        snr_gamma: min-SNR-γ weighting (Hang et al. 2023; 5.0 is the usual value); None: uniform weights. DDPM
+            types only.
         noise_offset: adds noise_offset * N(0, 1) per sample and channel to the noise (brighter / darker images).
         token_noise: adds token_noise * N(0, 1) to every feature of the visual tokens (then re-normalised when they
             are unit vectors) before the projector, as unCLIP's decoder noise-augments its CLIP embedding: the
             language model's predicted tokens are near, not on, the encoder's (on the toy world cosine 0.97 to a
             render of the asked composition), and a decoder that saw only exact encoder tokens is brittle there.
             With Dv features, the cosine to the clean token is about 1 / sqrt(1 + Dv * token_noise^2).
+        timestep_sampling, logit_mean, logit_std, mode_scale: flow_prediction: how sigma is drawn, by diffusers'
+            `compute_density_for_timestep_sampling` ('uniform', 'logit_normal' as SD3, or 'mode'), then shifted by
+            the scheduler's shift. DDPM types draw the timestep uniformly.
         generator: draws the noise, timesteps, dropout mask and VAE posterior sample.
 
     Returns:
@@ -134,16 +173,23 @@ def decoder_loss(
         raise ValueError(f"token_noise must be >= 0, got {token_noise}")
     # SchedulerMixin declares neither `config` nor `add_noise`; every training scheduler (DDPM, DDIM, ...) has them.
     scheduler: Any = noise_scheduler
-    scheduler_type = scheduler.config.prediction_type
+    flow = isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    scheduler_type = "flow_prediction" if flow else scheduler.config.prediction_type
     prediction_type = prediction_type or scheduler_type
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
     if prediction_type != scheduler_type:
         raise ValueError(
             f"prediction_type {prediction_type!r} differs from the noise scheduler's {scheduler_type!r}; a decoder "
-            "trained on one and sampled with the other produces noise. Configure the scheduler instead: "
-            f"DDPMScheduler.from_config(scheduler.config, prediction_type={prediction_type!r})"
+            "trained on one and sampled with the other produces noise. Configure both with "
+            f"vpit.training.diffusion.decoder_schedulers(pipe.scheduler, {prediction_type!r})"
         )
+    if timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling must be one of {list(TIMESTEP_SAMPLING)}, got {timestep_sampling!r}")
+    if not flow and timestep_sampling != "uniform":
+        raise ValueError(f"timestep_sampling {timestep_sampling!r} is for flow_prediction; DDPM types draw uniformly")
+    if flow and snr_gamma is not None:
+        raise ValueError("snr_gamma (min-SNR weighting) is for DDPM types; flow_prediction takes timestep_sampling")
 
     if images is not None:
         latents = encode_latents(vae, images, generator)
@@ -160,8 +206,18 @@ def decoder_loss(
         offset = randn_tensor((batch, channels, 1, 1), generator=generator, device=device, dtype=latents.dtype)
         noise = noise + noise_offset * offset  # (B, C, h, w)
     num_train = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_train, (batch,), generator=generator, device=draw).to(device)  # (B,)
-    noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, C, h, w)
+    if flow:
+        # As diffusers' SD3 training: u in [0, 1) from the chosen density -> an index into the shifted schedule.
+        u = compute_density_for_timestep_sampling(
+            timestep_sampling, batch, logit_mean, logit_std, mode_scale, device=draw, generator=generator
+        )
+        index = (u * num_train).long().clamp(0, num_train - 1).cpu()  # (B,)
+        timesteps = scheduler.timesteps[index].to(device)  # (B,) sigma * num_train
+        sigmas = scheduler.sigmas[index].to(device, latents.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise  # (B, C, h, w)
+    else:
+        timesteps = torch.randint(0, num_train, (batch,), generator=generator, device=draw).to(device)  # (B,)
+        noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, C, h, w)
 
     visual_tokens = visual_tokens.to(device)
     if token_noise:
@@ -178,6 +234,8 @@ def decoder_loss(
         target = noise
     elif prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
+    elif prediction_type == "flow_prediction":
+        target = noise - latents  # the velocity d x_t / d sigma
     else:
         target = latents
     unet_input = noisy

@@ -19,7 +19,7 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from torchvision import transforms
 
@@ -27,6 +27,7 @@ from ...data.cards import parse_mixture
 from ...data.features import image_key
 from ...data.records import RecordError, Sample, load_record_image
 from ...decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel
+from ...errors import RecipeError
 from ...hub import push_folder, write_model_card
 from ...model.configuration_vpit import VPiTConfig, VPiTVisionConfig
 from ...model.modeling_vpit import VPiTForCausalLM
@@ -34,7 +35,13 @@ from ...toy.decoder import toy_decoder_components
 from ..checkpoint import resume
 from ..components import build_accelerator, build_image_batches, build_scheduler
 from ..config import DecoderRecipe, check_against_config
-from ..diffusion import EMACheckpoint, create_decoder_ema, decoder_loss, validation_reconstructions
+from ..diffusion import (
+    EMACheckpoint,
+    create_decoder_ema,
+    decoder_loss,
+    decoder_schedulers,
+    validation_reconstructions,
+)
 from ..evaluation import held_out_samples
 from ..loop import plot_loss_curve, train_loop
 from ..predictions import generation_samples, load_predictions, predict_generation_tokens, save_predictions
@@ -43,7 +50,7 @@ from ..predictions import generation_samples, load_predictions, predict_generati
 class DecoderTrainable(nn.Module):
     """The trainable parts in one module, so that DDP / DeepSpeed wrap a single model whose forward is the loss."""
 
-    def __init__(self, pipeline: VPiTDecoderPipeline, noise_scheduler: DDPMScheduler, recipe: DecoderRecipe):
+    def __init__(self, pipeline: VPiTDecoderPipeline, noise_scheduler: SchedulerMixin, recipe: DecoderRecipe):
         super().__init__()
         self.unet = pipeline.unet
         self.projector = pipeline.projector
@@ -82,6 +89,10 @@ class DecoderTrainable(nn.Module):
             snr_gamma=self.settings.snr_gamma,
             noise_offset=self.settings.noise_offset,
             token_noise=self.settings.token_noise,
+            timestep_sampling=self.settings.timestep_sampling,
+            logit_mean=self.settings.logit_mean,
+            logit_std=self.settings.logit_std,
+            mode_scale=self.settings.mode_scale,
             generator=generator,
         )
 
@@ -121,7 +132,16 @@ def build_decoder(recipe: DecoderRecipe) -> VPiTDecoderPipeline:
     if (Path(init) / "model_index.json").is_file() and "VPiTDecoderPipeline" in (
         Path(init) / "model_index.json"
     ).read_text():
-        return VPiTDecoderPipeline.from_pretrained(init)
+        pipeline = VPiTDecoderPipeline.from_pretrained(init)
+        trained_as = pipeline.scheduler.config.get("prediction_type", "epsilon")
+        if trained_as != settings.prediction_type:
+            raise RecipeError(
+                f"decoder.init {init} was trained with prediction_type {trained_as!r} (its scheduler says so) but the "
+                f"recipe continues it with {settings.prediction_type!r}: a changed objective retrains the UNet from "
+                f"where it stands. Set decoder.prediction_type={trained_as} (and decoder.snr_gamma / "
+                "decoder.timestep_sampling as it was trained) to continue it"
+            )
+        return pipeline
     return VPiTDecoderPipeline.from_text_to_image_pipeline(
         init,
         encoder.hidden_size,
@@ -202,13 +222,13 @@ def run(recipe: DecoderRecipe) -> Path:
     accelerator.init_trackers(recipe.tracking.project)
 
     # The pipeline: UNet + projector train; VAE and vision encoder frozen. The training noise schedule is DDPM's
-    # with the pipeline scheduler's betas and the recipe's prediction type (which sampling then uses too).
+    # with the pipeline scheduler's betas and the recipe's prediction type (which sampling then uses too), or, for
+    # flow_prediction, flow matching's sigmas with DPM-Solver++ on the same sigmas for sampling.
     pipeline = build_decoder(recipe)
     settings = recipe.decoder
-    pipeline.scheduler = type(pipeline.scheduler).from_config(
-        pipeline.scheduler.config, prediction_type=settings.prediction_type
+    pipeline.scheduler, noise_scheduler = decoder_schedulers(
+        pipeline.scheduler, settings.prediction_type, settings.flow_shift
     )
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     resolution = settings.resolution or pipeline.unet.config["sample_size"] * pipeline.vae_scale_factor
     trainable = DecoderTrainable(pipeline, noise_scheduler, recipe)
     trainable.unet.train()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate.utils import DistributedType, set_seed
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import EMAModel
 from peft import PeftModel
 from torch import nn
@@ -48,7 +48,7 @@ from ...model.processing_vpit import VPiTProcessor
 from ..checkpoint import full_state_dict, resume
 from ..components import build_accelerator, build_batches, build_model, build_scheduler, param_groups
 from ..config import QueriesRecipe
-from ..diffusion import EMACheckpoint, decoder_loss
+from ..diffusion import EMACheckpoint, decoder_loss, decoder_schedulers
 from ..loop import plot_loss_curve, train_loop
 from .decoder import build_decoder, decoder_transform
 
@@ -65,7 +65,7 @@ class QueriesTrainable(nn.Module):
     DeepSpeed wrap a single model; the VAE and the noise scheduler stay outside the module tree (frozen, unsaved)."""
 
     def __init__(
-        self, model: nn.Module, pipeline: VPiTDecoderPipeline, noise_scheduler: DDPMScheduler, recipe: QueriesRecipe
+        self, model: nn.Module, pipeline: VPiTDecoderPipeline, noise_scheduler: SchedulerMixin, recipe: QueriesRecipe
     ):
         super().__init__()
         self.model = model
@@ -106,6 +106,10 @@ class QueriesTrainable(nn.Module):
             snr_gamma=self.settings.snr_gamma,
             noise_offset=self.settings.noise_offset,
             token_noise=self.settings.token_noise,
+            timestep_sampling=self.settings.timestep_sampling,
+            logit_mean=self.settings.logit_mean,
+            logit_std=self.settings.logit_std,
+            mode_scale=self.settings.mode_scale,
             generator=generator,
         )
         # decoder_loss is this micro-batch's mean over its images: as a sum over the global batch's images.
@@ -186,10 +190,9 @@ def run(recipe: QueriesRecipe) -> Path:
     pipeline = build_decoder(recipe)  # type: ignore[arg-type]  # reads model / decoder / train, as a DecoderRecipe
     base = _base(model)
     check_sizes(base, pipeline, recipe.queries.align_loss_weight, f"the model ({recipe.model.pretrained})")
-    pipeline.scheduler = type(pipeline.scheduler).from_config(
-        pipeline.scheduler.config, prediction_type=settings.prediction_type
+    pipeline.scheduler, noise_scheduler = decoder_schedulers(
+        pipeline.scheduler, settings.prediction_type, settings.flow_shift
     )
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     resolution = settings.resolution or pipeline.unet.config["sample_size"] * pipeline.vae_scale_factor
     pipeline.unet.requires_grad_(recipe.queries.train_unet)
     trainable = QueriesTrainable(model, pipeline, noise_scheduler, recipe)
