@@ -20,7 +20,7 @@ from vpit.inference.pipeline import VPiTPipeline
 from vpit.model.connector import QueryConnector
 from vpit.toy.decoder import toy_decoder_components
 from vpit.training.components import enable_queries
-from vpit.training.config import QueriesSection
+from vpit.training.config import DecoderSection, QueriesSection
 from vpit.training.stages.queries import QueriesTrainable, check_sizes, decoder_transform
 
 K, Q = 4, 6
@@ -106,8 +106,7 @@ def test_generation_gives_the_conditions_of_one_forward_over_the_whole_sequence(
 
 def _trainable(model, decoder, **section):
     recipe = type("R", (), {})()
-    recipe.decoder = type("D", (), {"condition_dropout": 0.0, "prediction_type": "epsilon", "snr_gamma": None,
-                                    "noise_offset": 0.0, "token_noise": 0.0})()  # fmt: skip
+    recipe.decoder = DecoderSection(condition_dropout=0.0, prediction_type="epsilon")
     recipe.queries = QueriesSection(**{"num_queries": Q, "connector_options": SMALL, **section})
     from diffusers import DDPMScheduler
 
