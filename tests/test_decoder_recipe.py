@@ -84,6 +84,7 @@ def test_decoder_trains_on_the_vpit_models_own_predictions(mode, limit, tiny_vpi
 
     from vpit.data.cards import DataCard
     from vpit.data.features import image_key
+    from vpit.training.config import DecoderSection
     from vpit.training.stages import decoder as stage
 
     model, processor = tiny_vpit
@@ -122,10 +123,7 @@ def test_decoder_trains_on_the_vpit_models_own_predictions(mode, limit, tiny_vpi
     trainable.unet = trainable.projector = None
     predicted, has = torch.full((3, 4, 8), 7.0), torch.tensor([True, False, True])
     for fraction, expected in ((1.0, [True, False, True]), (0.0, [False, False, False])):
-        trainable.settings = type("S", (), {"predicted_tokens_fraction": fraction, "condition_dropout": 0,
-                                            "prediction_type": None, "snr_gamma": None, "noise_offset": 0,
-                                            "token_noise": 0, "timestep_sampling": "uniform", "logit_mean": 0.0,
-                                            "logit_std": 1.0, "mode_scale": 1.29})()  # fmt: skip
+        trainable.settings = DecoderSection(predicted_tokens_fraction=fraction, condition_dropout=0.0)
         trainable(None, torch.zeros(3, 3, 8, 8), torch.Generator().manual_seed(0), predicted, has)
         used = [bool((seen[-1][i] == 7.0).all()) for i in range(3)]
         assert used == expected
