@@ -155,3 +155,26 @@ def test_vae_config_validates_its_downsamplings():
     assert len(toy_vae_config(downsamplings=3)["block_out_channels"]) == 4
     with pytest.raises(ValueError, match="downsamplings must be 2"):
         toy_vae_config(downsamplings=4)
+
+
+def test_lm_pretraining_asks_for_pictures_in_many_phrasings_but_never_the_evaluations():
+    """The toy LM learns request phrasings beyond the VPiT data's templates (as a real LLM knows them), while every
+    wording the evaluation's paraphrase mode sends stays unseen: neither the words before the caption nor after it."""
+    import random
+
+    from vpit.data.formats import GENERATION_TEMPLATES
+    from vpit.toy.backbones import REQUEST_PHRASINGS, toy_conversation, toy_tokenizer_corpus
+    from vpit.toy.evaluate import PARAPHRASES
+
+    rng = random.Random(0)
+    chats = [m["content"] for _ in range(3000) for m in toy_conversation(rng)]
+    text = "\n".join(toy_tokenizer_corpus(seed=0) + chats)
+    phrasings = (*GENERATION_TEMPLATES, *REQUEST_PHRASINGS)
+    seen = {t for t in phrasings if any(c.startswith(t.split("{caption}")[0] + "a ") for c in chats)}
+    assert seen == set(phrasings)  # every phrasing is used
+    for paraphrase in PARAPHRASES:
+        before, after = paraphrase.split("{caption}")
+        assert paraphrase not in phrasings
+        assert before not in text, f"{paraphrase!r}: {before!r} occurs in the LM's pretraining text"
+        if after not in (".", "?"):
+            assert after not in text

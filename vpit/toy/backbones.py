@@ -335,6 +335,33 @@ def probe_toy_clip(
 # ------------------------------------------------------------------------------------------ tokenizer + LLM
 
 
+# How else people ask for a picture: the toy LM's "English" beyond the six templates of the VPiT data, as a real LLM
+# knows many phrasings of a request before instruction tuning. In its pretraining chats only (the VPiT stage's data
+# keep GENERATION_TEMPLATES); the evaluation's paraphrases (`vpit.toy.evaluate.PARAPHRASES`) are not among them, and
+# none of their wordings occurs in any pretraining text (tests/test_toy_backbones.py). Without them, whether the model
+# follows "I would like a picture of ..." hung on the seed: 34% to 100% per paraphrase on one seed.
+REQUEST_PHRASINGS = (
+    "Paint {caption}.",
+    "Sketch {caption}.",
+    "Render {caption}.",
+    "Illustrate {caption}.",
+    "I want an image of {caption}.",
+    "I need a drawing of {caption}.",
+    "I would love to see {caption}.",
+    "Give me a picture of {caption}.",
+    "Please make an image of {caption}.",
+    "Please generate {caption}.",
+    "Would you draw {caption}?",
+    "Could you make an image of {caption}?",
+    "Can you paint {caption}?",
+    "Let me see {caption}.",
+    "Picture {caption}, please.",
+    "Generate a picture showing {caption}.",
+    "An image of {caption}, please.",
+    "Make me a drawing of {caption}.",
+)
+
+
 def toy_conversation(rng: random.Random, colours: tuple[str, ...] = COLOURS) -> list[dict[str, str]]:
     """A text-only toy chat: the image is replaced by its caption (understanding, editing) or absent (generation).
 
@@ -347,7 +374,7 @@ def toy_conversation(rng: random.Random, colours: tuple[str, ...] = COLOURS) -> 
     if kind == "generation" and obj.understanding_only:  # no request to draw what no response image shows
         kind = "understanding"
     if kind == "generation":
-        request = rng.choice(GENERATION_TEMPLATES).format(caption=obj.caption)
+        request = rng.choice(GENERATION_TEMPLATES + REQUEST_PHRASINGS).format(caption=obj.caption)
         return [
             {"role": "user", "content": request},
             {"role": "assistant", "content": GENERATION_RESPONSE.replace(IMAGE_MARKER, "").rstrip()},
