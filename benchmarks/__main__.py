@@ -137,6 +137,14 @@ def _decoder_robustness(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _decoder_cache(r: dict[str, Any]) -> list[Row]:
+    return [
+        Row("decoder_cache", "decoder step, frozen cache / pixels (toy)", f"{r['speedup']:.2f}x", ">= 1.2x",
+            r["speedup"] >= 1.2),
+        Row("decoder_cache", f"cache of {r['images']} images written, s", f"{r['cache_write_seconds']:.0f}", "-", None),
+    ]  # fmt: skip
+
+
 # name -> (extra arguments, JSON file it writes, summary rows from that JSON)
 BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]]]] = {
     "data_pipeline": ([], "data_pipeline.json", _data_pipeline),
@@ -149,6 +157,7 @@ BENCHMARKS: dict[str, tuple[list[str], str, Callable[[dict[str, Any]], list[Row]
     "feature_cache": ([], "feature_cache.json", _feature_cache),
     "output_side": ([], "output_side.json", _output_side),
     "decoder_robustness": ([], "decoder_robustness.json", _decoder_robustness),
+    "decoder_cache": ([], "decoder_cache.json", _decoder_cache),
 }
 
 
@@ -169,7 +178,7 @@ def run(name: str, extra: list[str], timeout: float) -> tuple[bool, float, str]:
     return ok, time.perf_counter() - start, tail
 
 
-NEEDS_DEMO = {"decoder_robustness"}  # benchmarks of the trained toy models (`make demo` writes them)
+NEEDS_DEMO = {"decoder_robustness", "decoder_cache"}  # benchmarks of the toy models and data `make demo` writes
 
 
 def main() -> None:

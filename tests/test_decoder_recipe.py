@@ -1,6 +1,8 @@
 """The `decoder` stage through `python -m vpit.train`: the loss falls, reconstruction grids are written, the final
 folder loads with DiffusionPipeline.from_pretrained, and a resumed run reproduces the uninterrupted loss curve."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -9,6 +11,8 @@ from safetensors.torch import load_file
 from training_helpers import history, run_killed_at_publish, run_training
 
 import vpit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overrides(tiny_clip, out, **extra):
@@ -188,3 +192,48 @@ def test_continuing_a_decoder_with_another_objective_is_refused(tiny_clip, tmp_p
     assert build_decoder(recipe(prediction_type="v_prediction", snr_gamma=5.0)).scheduler.config.prediction_type == (
         "v_prediction"
     )
+
+
+def test_decoder_trains_the_same_from_the_frozen_cache(tiny_clip, tmp_path):
+    """decoder.cache_frozen: every image goes through the frozen encoder and VAE once, into safetensors keyed by
+    image; the steps then read tokens and posterior moments from there and draw the same losses as from pixels. A
+    run with the same encoder and VAE reuses the cache; a changed image is refused by name, not decoded stale."""
+    import os
+    import shutil
+
+    from vpit.data.cards import DataCard
+    from vpit.data.records import RecordError
+    from vpit.training.stages.decoder import ImageEncoder, open_frozen_cache, write_frozen_cache
+
+    shutil.copytree(ROOT / "data_cards", tmp_path / "cards")  # the cache keys the card's image files
+    cards = [tmp_path / "cards" / f"toy_{task}.yaml" for task in ("generation", "understanding")]
+    mixture = "[" + ", ".join(f"{{card: {card}, weight: 1.0}}" for card in cards) + "]"
+    steps = {"train.max_steps": 6, "train.checkpoint_every": 0, "data.mixture": mixture}
+    pixels, cached, folder = tmp_path / "pixels", tmp_path / "cached", tmp_path / "frozen"
+    run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, pixels, **steps))
+    frozen = {"decoder.cache_frozen": "true", "decoder.frozen_cache_dir": str(folder)}
+    result = run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, cached, **steps, **frozen))
+    loaded = [DataCard.load(card) for card in cards]
+    images = sum(len(card.to_sample(i, r, use_sample=True).images) for card in loaded for i, r in card.records(True))
+    assert f"{images} images encoded now" in result.stdout, result.stdout
+    a, b = history(pixels), history(cached)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x["step"], x["loss"], y["loss"])
+
+    pipe = DiffusionPipeline.from_pretrained(cached / "final")  # the same frozen encoder and VAE, saved
+    transform = pipe.vision_encoder.image_transform()
+    counts = write_frozen_cache(pipe, transform, 32, loaded, folder, use_sample=True)
+    assert sum(c["encoded"] for c in counts.values()) == 0 and sum(c["cached"] for c in counts.values()) == 2 * images
+    encode = ImageEncoder(transform, 32, frozen=open_frozen_cache(pipe, 32, loaded, folder))
+    sample = loaded[0].to_sample(0, next(iter(loaded[0].records(use_sample=True)))[1], use_sample=True)
+    got = encode(sample)
+    assert set(got) == {"visual_tokens", "latent_moments"}
+    path = sample.image_root / sample.images[0]
+    with torch.no_grad():
+        tokens = pipe.vision_encoder(transform(Image.open(path))[None])
+    torch.testing.assert_close(got["visual_tokens"], tokens, rtol=0, atol=1e-5)
+    assert got["latent_moments"].shape == (1, 2 * pipe.vae.config.latent_channels, 8, 8)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(RecordError, match="stale_cache"):
+        encode(sample)

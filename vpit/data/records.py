@@ -32,6 +32,7 @@ REASONS: dict[str, str] = {
     "bad_record": "the record lacks a field its format requires, or a field has the wrong type",
     "tokenization": "the response mask cannot be computed exactly with this tokenizer's chat template",
     "unreadable_file": "a data file is missing or cannot be read at all",
+    "stale_cache": "the image changed after its frozen features were cached (delete the cache to recompute them)",
 }
 
 

@@ -282,6 +282,7 @@ def run_demo(out: Path, work: Path, plan: DemoPlan, workers: int | None = None, 
             "model.pretrained": runs["bridge"] / "final",
             "decoder.init": runs["decoder"] / "final",
             "decoder.predicted_tokens_from": runs["vpit"] / "final",
+            "decoder.frozen_cache_dir": runs["decoder"] / "frozen_cache",  # stage 3's: the same encoder and VAE
             "data.mixture": toy_mixture(work, {"generation": 1.0, "understanding": 1.0}),
             "train.output_dir": runs["decoder_predicted"],
             "train.torch_threads": max(1, workers),

@@ -287,14 +287,12 @@ def build_batches(
 
 
 def _concat_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Image batches for the decoder: every image of every sample, concatenated (and, when the samples carry them,
-    their predicted tokens and which images have one)."""
-    batch: dict[str, Any] = {
-        key: torch.cat([s[key] for s in samples])
-        for key in ("encoder_pixels", "images", "predicted_tokens", "has_prediction")
-        if key in samples[0]
-    }
-    return batch | {"num_samples": sum(len(s["images"]) for s in samples), "num_skipped": 0}
+    """Image batches for the decoder: every image of every sample, concatenated: as pixels or as the frozen parts'
+    cached outputs (and, when the samples carry them, their predicted tokens and which images have one)."""
+    keys = ("encoder_pixels", "images", "visual_tokens", "latent_moments", "predicted_tokens", "has_prediction")
+    batch: dict[str, Any] = {key: torch.cat([s[key] for s in samples]) for key in keys if key in samples[0]}
+    images = "images" if "images" in batch else "latent_moments"
+    return batch | {"num_samples": len(batch[images]), "num_skipped": 0}
 
 
 def build_image_batches(

@@ -421,6 +421,21 @@ class DecoderSection:
             "tokens, 295 KB each); null: every record"
         ),
     )
+    cache_frozen: bool = field(
+        default=False,
+        metadata=_help(
+            "encode every training image with the frozen vision encoder and VAE once (tokens and posterior moments, "
+            "safetensors keyed by image, resumable) and train from those: the same samples, without the two forward "
+            "passes per step; needs every image to be a file or bytes"
+        ),
+    )
+    frozen_cache_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "where cache_frozen keeps them; null: RUN/frozen_cache. Runs with the same encoder and VAE (checked by a "
+            "fingerprint of their configs and weights) can share one, as a decoder continued on predicted tokens"
+        ),
+    )
     ema_decay: float | None = field(default=0.9999, metadata=_help("EMA of UNet + projector; null: no EMA"))
     validation_images: int = field(default=4, metadata=_help("held-out images in each reconstruction grid"))
     validation_steps: int = field(default=25, metadata=_help("denoising steps of the reconstruction grid"))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -102,8 +103,18 @@ def encode_latents(
     themselves when `vae` is None (pixel-space decoder)."""
     if vae is None:
         return images
-    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    latents = posterior.sample(generator=generator)
+    return _scaled(vae, vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator))
+
+
+def latents_from_moments(
+    vae: AutoencoderKL, moments: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, 2C, h, w) posterior moments, `vae.encode(images).latent_dist.parameters` computed once and cached ->
+    (B, C, h, w) scaled latents, a posterior sample drawn exactly as `encode_latents` draws it."""
+    return _scaled(vae, DiagonalGaussianDistribution(moments.to(vae.device, vae.dtype)).sample(generator=generator))
+
+
+def _scaled(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     if vae.config.get("shift_factor") is not None:
         latents = latents - vae.config["shift_factor"]
     return latents * vae.config["scaling_factor"]
@@ -383,5 +394,6 @@ __all__ = [
     "decoder_loss",
     "decoder_trainable_parameters",
     "encode_latents",
+    "latents_from_moments",
     "validation_reconstructions",
 ]

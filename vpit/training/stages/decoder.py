@@ -5,12 +5,15 @@ learns to denoise the image (or its VAE latents) under that context, with condit
 context for classifier-free guidance. The VAE and the encoder stay frozen; the projector and the UNet train, with
 an EMA copy. With `decoder.predicted_tokens_from`, a share of the generation records' images are conditioned on a
 trained VPiT model's own predicted tokens for their prompts instead (`vpit.training.predictions`): what the decoder
-receives at generation time. Reads top to bottom.
+receives at generation time. With `decoder.cache_frozen`, every training image goes through the frozen encoder and
+VAE once (`write_frozen_cache`) and the steps read its tokens and posterior moments from disk. Reads top to bottom.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from torchvision import transforms
 
-from ...data.cards import parse_mixture
-from ...data.features import image_key
+from ...data.cards import DataCard, parse_mixture
+from ...data.features import FeatureCache, cache_features, image_key
 from ...data.records import RecordError, Sample, load_record_image
 from ...decoder import VPiTDecoderPipeline, VPiTVisionEncoderModel
 from ...errors import RecipeError
@@ -40,6 +43,7 @@ from ..diffusion import (
     create_decoder_ema,
     decoder_loss,
     decoder_schedulers,
+    latents_from_moments,
     validation_reconstructions,
 )
 from ..evaluation import held_out_samples
@@ -64,25 +68,35 @@ class DecoderTrainable(nn.Module):
 
     def forward(
         self,
-        encoder_pixels: torch.Tensor,
-        images: torch.Tensor,
+        encoder_pixels: torch.Tensor | None,
+        images: torch.Tensor | None,
         generator: torch.Generator,
         predicted_tokens: torch.Tensor | None = None,
         has_prediction: torch.Tensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+        latent_moments: torch.Tensor | None = None,
     ) -> Any:
+        """The loss of a batch: the images as pixels for the encoder and the decoder, or what the frozen parts make
+        of them, cached (`visual_tokens` (B, K, Dv) instead of `encoder_pixels`, `latent_moments` (B, 2C, h, w)
+        instead of `images`): the same loss, drawn from the generator in the same order."""
         with torch.no_grad():
-            visual_tokens = self._frozen["encoder"](encoder_pixels)  # (B, K, Dv), frozen
+            if visual_tokens is None:
+                visual_tokens = self._frozen["encoder"](encoder_pixels)  # (B, K, Dv), frozen
             if predicted_tokens is not None and has_prediction is not None:
                 # The VPiT model's own predictions for a share of the images that have one (see predictions.py).
                 draw = torch.rand(len(has_prediction), generator=generator).to(has_prediction.device)
                 use = has_prediction & (draw < self.settings.predicted_tokens_fraction)
                 visual_tokens = torch.where(use[:, None, None], predicted_tokens.to(visual_tokens.dtype), visual_tokens)
+            latents = None
+            if latent_moments is not None:  # the posterior sample, where decoder_loss would draw it from `images`
+                latents = latents_from_moments(self._frozen["vae"], latent_moments, generator)
         return decoder_loss(
             self.unet,
             self.projector,
             self._frozen["scheduler"],
             visual_tokens,
             images=images,
+            latents=latents,
             vae=self._frozen["vae"],
             condition_dropout=self.settings.condition_dropout,
             prediction_type=self.settings.prediction_type,
@@ -167,22 +181,33 @@ def decoder_transform(resolution: int) -> transforms.Compose:
 
 class ImageEncoder:
     """Sample -> its images, twice: for the vision encoder (its own transform) and for the decoder ([-1, 1] at the
-    training resolution); with `predicted` ({image key: (K, Dv)}), also each image's predicted tokens (zeros and
-    `has_prediction` False where there is none). Picklable, for DataLoader workers."""
+    training resolution); with `frozen` ({card name: {"tokens": cache, "moments": cache}}, `open_frozen_cache`),
+    their cached `visual_tokens` and `latent_moments` instead; with `predicted` ({image key: (K, Dv)}), also each
+    image's predicted tokens (zeros and `has_prediction` False where there is none). Picklable, for DataLoader
+    workers."""
 
-    def __init__(self, encoder_transform: Any, resolution: int, predicted: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        encoder_transform: Any,
+        resolution: int,
+        predicted: dict[str, torch.Tensor] | None = None,
+        frozen: dict[str, dict[str, FeatureCache]] | None = None,
+    ):
         self.encoder_transform = encoder_transform
         self.predicted = predicted
+        self.frozen = frozen
         self.decoder_transform = decoder_transform(resolution)
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
         if not sample.images:
             raise RecordError("bad_record", "the decoder trains on images; this record has none")
-        images = [load_record_image(image, sample.image_root) for image in sample.images]
-        encoded = {
-            "encoder_pixels": torch.stack([self.encoder_transform(i) for i in images]),
-            "images": torch.stack([self.decoder_transform(i) for i in images]),
-        }
+        encoded = self._cached(sample) if self.frozen is not None else {}
+        if len(encoded) < 2:  # the encoder's or the decoder's side still comes from the pixels
+            images = [load_record_image(image, sample.image_root) for image in sample.images]
+            if "visual_tokens" not in encoded:
+                encoded["encoder_pixels"] = torch.stack([self.encoder_transform(i) for i in images])
+            if "latent_moments" not in encoded:
+                encoded["images"] = torch.stack([self.decoder_transform(i) for i in images])
         if self.predicted:
             found = [image_key(image, sample.image_root) for image in sample.images]
             tokens = [self.predicted.get(key[0]) if key is not None else None for key in found]
@@ -191,8 +216,92 @@ class ImageEncoder:
             encoded["has_prediction"] = torch.tensor([t is not None for t in tokens])
         return encoded
 
+    def _cached(self, sample: Sample) -> dict[str, torch.Tensor]:
+        assert self.frozen is not None
+        encoded = {}
+        for part, cache in self.frozen.get(sample.source, {}).items():
+            found = [t for image in sample.images if (t := cache.get(image, sample.image_root)) is not None]
+            if len(found) < len(sample.images):
+                for image in sample.images:  # a bad image is reported as such
+                    load_record_image(image, sample.image_root)
+                raise RecordError(
+                    "stale_cache", f"an image of this record is not in {cache.folder} (changed since it was written?)"
+                )
+            encoded[FROZEN_PARTS[part]] = torch.stack(found)
+        return encoded
+
+
+# The frozen cache's parts: what each holds per image, and the batch key it fills.
+FROZEN_PARTS = {"tokens": "visual_tokens", "moments": "latent_moments"}
+
+
+def frozen_fingerprint(pipeline: VPiTDecoderPipeline, resolution: int) -> str:
+    """16 hex digits over what the cached tokens and posterior moments depend on: the vision encoder's and the
+    VAE's configurations and weights, and the training resolution (the encoder's transform follows its config)."""
+    spec = {  # diffusers' bookkeeping (_name_or_path, _diffusers_version, ...) aside: a saved copy matches
+        name: {k: v for k, v in module.config.items() if not k.startswith("_")} if module is not None else None
+        for name, module in (("encoder", pipeline.vision_encoder), ("vae", pipeline.vae))
+    } | {"resolution": resolution}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    for module in (pipeline.vision_encoder, pipeline.vae):
+        for name, tensor in module.state_dict().items() if module is not None else ():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_frozen_cache(
+    pipeline: VPiTDecoderPipeline,
+    encoder_transform: Any,
+    resolution: int,
+    cards: list[DataCard],
+    folder: Path,
+    use_sample: bool = False,
+) -> dict[str, dict[str, int]]:
+    """Every image of `cards` through the frozen vision encoder ((K, Dv) tokens) and the VAE ((2C, h, w) posterior
+    moments), into FOLDER/<card>/tokens and FOLDER/<card>/moments (`vpit.data.features.cache_features`: safetensors
+    keyed by image, resumable, bad images in skipped.jsonl). Returns the counts per card and part."""
+    if pipeline.vision_encoder is None:
+        raise ValueError("decoder.cache_frozen needs the pipeline's vision encoder")
+    fingerprint = frozen_fingerprint(pipeline, resolution)
+    encoder, vae = pipeline.vision_encoder, pipeline.vae
+    parts: dict[str, tuple[Any, Any]] = {
+        "tokens": (lambda pixels: encoder(pixels.to(encoder.device)), encoder_transform)
+    }
+    if vae is not None:
+        parts["moments"] = (
+            lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters,
+            decoder_transform(resolution),
+        )
+    counts = {}
+    for card in cards:
+        for part, (encode, transform) in parts.items():
+            where = folder / card.name / part
+            counts[f"{card.name}/{part}"] = cache_features(
+                card, encode, transform, where, fingerprint, use_sample=use_sample
+            )
+    uncacheable = sum(c["uncacheable"] for c in counts.values())
+    if uncacheable:
+        raise RecipeError(
+            f"decoder.cache_frozen: {uncacheable} images are held in memory, with no file or bytes to key a cache by; "
+            "set decoder.cache_frozen=false for this data"
+        )
+    return counts
+
+
+def open_frozen_cache(
+    pipeline: VPiTDecoderPipeline, resolution: int, cards: list[DataCard], folder: Path
+) -> dict[str, dict[str, FeatureCache]]:
+    """{card name: {part: its cache}} of `write_frozen_cache`'s folder, checked against this pipeline's encoder and
+    VAE."""
+    fingerprint = frozen_fingerprint(pipeline, resolution)
+    parts = ("tokens", "moments") if pipeline.vae is not None else ("tokens",)
+    return {card.name: {part: FeatureCache(folder / card.name / part, fingerprint) for part in parts} for card in cards}
+
 
 PREDICTIONS_FILE = "predicted_tokens.safetensors"
+FROZEN_CACHE = "frozen_cache"
+BATCH_INPUTS = ("encoder_pixels", "images", "visual_tokens", "latent_moments", "predicted_tokens", "has_prediction")
 
 
 def _write_predictions(recipe: DecoderRecipe, run_dir: Path) -> None:
@@ -259,7 +368,22 @@ def run(recipe: DecoderRecipe) -> Path:
             _write_predictions(recipe, run_dir)
         accelerator.wait_for_everyone()
         predicted = load_predictions(run_dir / PREDICTIONS_FILE)
-    encode = ImageEncoder(pipeline.vision_encoder.image_transform(), resolution, predicted)
+    frozen = None
+    if settings.cache_frozen:
+        folder = Path(settings.frozen_cache_dir or run_dir / FROZEN_CACHE)
+        cards = [entry.load() for entry in parse_mixture(recipe.data.mixture)]
+        if accelerator.is_main_process:
+            started = time.perf_counter()
+            counts = write_frozen_cache(
+                pipeline, pipeline.vision_encoder.image_transform(), resolution, cards, folder, recipe.data.use_sample
+            )
+            tokens = [c for part, c in counts.items() if part.endswith("/tokens")]  # one per image
+            encoded, skipped = (sum(c[key] for c in tokens) for key in ("encoded", "skipped"))
+            print(f"[vpit] decoder: frozen cache in {folder}: {encoded} images encoded now "
+                  f"({time.perf_counter() - started:.0f} s), {skipped} skipped (skipped.jsonl)")  # fmt: skip
+        accelerator.wait_for_everyone()
+        frozen = open_frozen_cache(pipeline, resolution, cards, folder)
+    encode = ImageEncoder(pipeline.vision_encoder.image_transform(), resolution, predicted, frozen)
     loader = build_image_batches(recipe.data, encode, rank, world, run_dir, start_batch=state.next_batch)
     params = unet_params + projector_params
 
@@ -267,8 +391,8 @@ def run(recipe: DecoderRecipe) -> Path:
         # Noise, timesteps and dropout are drawn from (seed, step, rank): a resumed run draws the same ones.
         generator = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step * 1009 + rank)
         device = accelerator.device
-        predicted = {k: batch[k].to(device) for k in ("predicted_tokens", "has_prediction") if k in batch}
-        out = model(batch["encoder_pixels"].to(device), batch["images"].to(device), generator, **predicted)
+        inputs = {key: batch[key].to(device) for key in BATCH_INPUTS if key in batch}
+        out = model(inputs.pop("encoder_pixels", None), inputs.pop("images", None), generator, **inputs)
         return out.loss, {"loss": out.loss, "mse": out.mse}
 
     def after_step() -> None:
@@ -348,4 +472,13 @@ def run(recipe: DecoderRecipe) -> Path:
     return final
 
 
-__all__ = ["DecoderTrainable", "ImageEncoder", "build_decoder", "decoder_transform", "run"]
+__all__ = [
+    "DecoderTrainable",
+    "ImageEncoder",
+    "build_decoder",
+    "decoder_transform",
+    "frozen_fingerprint",
+    "open_frozen_cache",
+    "run",
+    "write_frozen_cache",
+]
