@@ -149,7 +149,12 @@ def test_answer_normalisation_and_targets():
         "draw": {"in_distribution": accuracy, "held_out": held_out, "no_image": 0},
     }
     assert meets_targets(report)["generation_draw"] is False
-    assert "| draw | 92.0% [92.0, 92.0] (n=150) | 40.0% [24.6, 57.7] (n=30) |" in markdown_report(report)
+    assert "| draw | 92.0% [92.0, 92.0] (n=150) | 40.0% [24.6, 57.7] (n=30) | - |" in markdown_report(report)
+    # With token space per mode, a miss is placed: here the language model names the composition, the decoder fails.
+    report["generation"]["modes"]["draw"]["tokens"] = {"in_distribution": accuracy, "held_out": {**accuracy, "all": 1}}
+    assert "| draw | 92.0% [92.0, 92.0] (n=150) | 40.0% [24.6, 57.7] (n=30) | 92.0% / 100.0% |" in markdown_report(
+        report
+    )
     report["generation"]["tokens"] = {"in_distribution": accuracy, "held_out": {**accuracy, "all": 0.8, "n": 30.0}}
     markdown = markdown_report(report)
     assert "| held-out, token space | 100.0% | 100.0% | 100.0% | 100.0% | 80.0% |" in markdown

@@ -457,18 +457,25 @@ def markdown_report(report: dict[str, Any]) -> str:
     if other:
         lines += [
             "",
-            "| how the image is asked for | in-distribution, all four | held-out, all four |",
-            "|---|---|---|",
+            "| how the image is asked for | in-distribution, all four | held-out, all four | token space |",
+            "|---|---|---|---|",
         ]
         for mode, result in g["modes"].items():
+            tokens = result.get("tokens")
             lines.append(
                 f"| {mode} | {_pct_ci(result['in_distribution'])} (n={int(result['in_distribution']['n'])}) "
-                f"| {_pct_ci(result['held_out'])} (n={int(result['held_out']['n'])}) |"
+                f"| {_pct_ci(result['held_out'])} (n={int(result['held_out']['n'])}) "
+                + (
+                    f"| {_pct(tokens['in_distribution']['all'])} / {_pct(tokens['held_out']['all'])} |"
+                    if tokens
+                    else "| - |"
+                )
             )
         lines += [
             "",
             "plain: a training-style instruction; start_with_image: the same, the answer forced to start with an "
-            "image; paraphrase: an instruction no training template uses; draw: `vpit chat`'s `/draw CAPTION`.",
+            "image; paraphrase: an instruction no training template uses; draw: `vpit chat`'s `/draw CAPTION`. Token "
+            "space: in-distribution / held-out, all four (a miss there is the language model's, not the decoder's).",
         ]
     if "transfer" in g:
         lines += [
@@ -504,11 +511,15 @@ def evaluate_toy(
     understanding = evaluate_understanding(pipe, settings, progress)
     generation, examples = evaluate_generation(pipe, settings, progress)
     modes = {"plain": {split: generation[split] for split in ("in_distribution", "held_out")}}
+    if "tokens" in generation:
+        modes["plain"]["tokens"] = {split: generation["tokens"][split] for split in ("in_distribution", "held_out")}
     for mode in settings.modes:
         result, _ = evaluate_generation(pipe, settings, progress, mode=mode, repeats=1)
         modes[mode] = {split: result[split] for split in ("in_distribution", "held_out")} | {
             "no_image": result["no_image"]
         }
+        if "tokens" in result:  # whether a miss is the language model's (tokens) or the decoder's (pixels)
+            modes[mode]["tokens"] = {split: result["tokens"][split] for split in ("in_distribution", "held_out")}
     generation["modes"] = modes
     editing = evaluate_editing(pipe, settings, progress) if settings.edits else None
     reconstruction, pairs = evaluate_reconstruction(pipe, settings, progress)
