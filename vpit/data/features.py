@@ -134,7 +134,7 @@ def open_feature_caches(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: runs that share a cache read it at once
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
 
