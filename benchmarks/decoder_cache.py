@@ -40,7 +40,6 @@ from .common import describe_machine, median_ratio, write_json
 
 
 def measure(work: Path, steps: int, repeats: int) -> dict[str, Any]:
-    torch.set_num_threads(1)
     mixture = toy_mixture(work, {"generation": 1.0, "understanding": 1.0})
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(
@@ -114,6 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/decoder_cache.json")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as the recipe trains (train.torch_threads: 1)
     result = {"machine": describe_machine()} | measure(args.work, args.steps, args.repeats)
     write_json(args.out, result)
     s = result["seconds_per_step"]
