@@ -35,25 +35,72 @@ def _overrides(tiny_clip, out, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def test_decoder_stage_trains_and_saves_a_loadable_pipeline(tiny_clip, tmp_path):
+def test_decoder_stage_trains_a_decoder_that_draws_what_it_is_given(tiny_clip, tmp_path):
+    """100 steps of the decoder stage on 96 toy renders (pixel space, the tiny random CLIP's 16 tokens): the loss
+    falls, reconstruction grids reach TensorBoard, the final folder loads with DiffusionPipeline.from_pretrained, and
+    its reconstructions of fresh renders, read by the toy judge, clear floors that the same parts untrained fail
+    (measured: trained position 85%, colour 59%, all four 37%; untrained 20%, 17%, 0%)."""
+    import random
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from vpit.toy.decoder import toy_decoder_components
+    from vpit.toy.judge import judge
+    from vpit.toy.world import ToyObject, compositions, jittered, render, write_split
+
+    write_split(tmp_path / "data", "generation", 96, seed=0)
+    data = tmp_path / "data"
+    card = (
+        f"{{card: {ROOT / 'data_cards' / 'toy_generation.yaml'}, weight: 1.0, "
+        f"data_files: [{data / 'records.jsonl'}], image_folder: {data / 'images'}}}"
+    )
     out = tmp_path / "decoder"
-    extra = {"train.max_steps": 30, "train.eval_every": 30, "tracking.report_to": "[tensorboard]"}
+    extra = {
+        "train.max_steps": 100,
+        "train.checkpoint_every": 0,
+        "train.eval_every": 100,
+        "train.log_every": 10,
+        "tracking.report_to": "[tensorboard]",
+        "model.num_visual_tokens": 16,
+        "decoder.latent": "false",
+        "data.use_sample": "false",
+        "data.batch_size": 16,
+        "optim.warmup_steps": 10,
+        "data.mixture": f"[{card}]",
+    }
     run_training("recipes/toy/decoder.yaml", _overrides(tiny_clip, out, **extra))
     # The reconstruction grid reaches TensorBoard as an image, next to the scalars.
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert "reconstructions" in events.Tags()["images"] and events.Tags()["scalars"]
     rows = [r for r in history(out) if "loss" in r]
-    first, last = (sum(r["loss"] for r in rows[i : i + 5]) / 5 for i in (0, len(rows) - 5))
+    first, last = (sum(r["loss"] for r in rows[i : i + 3]) / 3 for i in (0, len(rows) - 3))
     assert last < 0.7 * first, (first, last)
-    grid = Image.open(out / "eval" / "reconstructions-00000030.png")
+    grid = Image.open(out / "eval" / "reconstructions-00000100.png")
     assert grid.size == (4 * 32, 2 * 32)  # inputs in the first row, reconstructions in the second
     pipe = DiffusionPipeline.from_pretrained(out / "final")
     assert type(pipe) is vpit.VPiTDecoderPipeline
-    image = pipe(image=[Image.new("RGB", (32, 32), (220, 40, 40))], num_inference_steps=2).images[0]
-    assert image.size == (32, 32)
+    pipe.set_progress_bar_config(disable=True)
+
+    rng = random.Random(0)
+    objects = [jittered(rng, *c) for c in compositions() if not ToyObject(*c).held_out][::2]
+    renders = [render(o) for o in objects]
+
+    def accuracy() -> dict[str, float]:
+        generator = torch.Generator().manual_seed(0)
+        images = pipe(image=renders, num_inference_steps=10, guidance_scale=3.0, generator=generator).images
+        assert images[0].size == (32, 32)
+        flags = [judge(image).matches(o) for image, o in zip(images, objects, strict=True)]
+        return {key: sum(f[key] for f in flags) / len(flags) for key in flags[0]}
+
+    floors = {"position": 0.6, "colour": 0.4, "all": 0.15}  # chance: 20%, 17%, under 1%
+    trained = accuracy()
+    assert all(trained[key] >= floor for key, floor in floors.items()), trained
+    fresh = toy_decoder_components(pipe.projector.config.vision_hidden_size, 16, latent=False, spatial_channels=8)
+    pipe.unet.load_state_dict(fresh["unet"].state_dict())
+    pipe.projector.load_state_dict(fresh["projector"].state_dict())
+    untrained = accuracy()
+    assert all(untrained[key] < floor for key, floor in floors.items()), untrained
 
 
 @pytest.mark.slow
