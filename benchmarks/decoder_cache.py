@@ -24,14 +24,14 @@ import torch
 
 from vpit.data.cards import parse_mixture
 from vpit.toy.demo import toy_mixture
-from vpit.training.components import build_image_batches
+from vpit.training.components import IMAGE_BATCH_KEYS, build_image_batches
 from vpit.training.config import load_recipe
 from vpit.training.diffusion import decoder_schedulers
 from vpit.training.stages.decoder import (
-    BATCH_INPUTS,
     DecoderTrainable,
     ImageEncoder,
     build_decoder,
+    frozen_fingerprint,
     open_frozen_cache,
     write_frozen_cache,
 )
@@ -62,13 +62,14 @@ def measure(work: Path, steps: int, repeats: int) -> dict[str, Any]:
         cards = [entry.load() for entry in parse_mixture(recipe.data.mixture)]
         folder = Path(tmp) / "frozen_cache"
         start = time.perf_counter()
-        counts = write_frozen_cache(pipeline, transform, resolution, cards, folder)
+        fingerprint = frozen_fingerprint(pipeline, resolution)
+        counts = write_frozen_cache(pipeline, transform, resolution, cards, folder, fingerprint)
         write_seconds = time.perf_counter() - start
         images = sum(c["encoded"] for part, c in counts.items() if part.endswith("/tokens"))
 
         trainable = DecoderTrainable(pipeline, noise_scheduler, recipe)
         optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-4)
-        frozen = open_frozen_cache(pipeline, resolution, cards, folder)
+        frozen = open_frozen_cache(pipeline, cards, folder, fingerprint)
         loaders = {
             side: iter(
                 build_image_batches(recipe.data, ImageEncoder(transform, resolution, frozen=cache), 0, 1, Path(tmp))
@@ -81,7 +82,7 @@ def measure(work: Path, steps: int, repeats: int) -> dict[str, Any]:
             start = time.perf_counter()
             for _ in range(steps):
                 batch = next(loaders[side])
-                inputs = {key: batch[key] for key in BATCH_INPUTS if key in batch}
+                inputs = {key: batch[key] for key in IMAGE_BATCH_KEYS if key in batch}
                 out = trainable(inputs.pop("encoder_pixels", None), inputs.pop("images", None), generator, **inputs)
                 out.loss.backward()
                 optimizer.step()

@@ -250,7 +250,7 @@ def test_decoder_trains_the_same_from_the_frozen_cache(tiny_clip, tmp_path):
 
     from vpit.data.cards import DataCard
     from vpit.data.records import RecordError
-    from vpit.training.stages.decoder import ImageEncoder, open_frozen_cache, write_frozen_cache
+    from vpit.training.stages.decoder import ImageEncoder, frozen_fingerprint, open_frozen_cache, write_frozen_cache
 
     shutil.copytree(ROOT / "data_cards", tmp_path / "cards")  # the cache keys the card's image files
     cards = [tmp_path / "cards" / f"toy_{task}.yaml" for task in ("generation", "understanding")]
@@ -270,9 +270,10 @@ def test_decoder_trains_the_same_from_the_frozen_cache(tiny_clip, tmp_path):
 
     pipe = DiffusionPipeline.from_pretrained(cached / "final")  # the same frozen encoder and VAE, saved
     transform = pipe.vision_encoder.image_transform()
-    counts = write_frozen_cache(pipe, transform, 32, loaded, folder, use_sample=True)
+    fingerprint = frozen_fingerprint(pipe, 32)  # the run's, or writing to its folder would be refused
+    counts = write_frozen_cache(pipe, transform, 32, loaded, folder, fingerprint, use_sample=True)
     assert sum(c["encoded"] for c in counts.values()) == 0 and sum(c["cached"] for c in counts.values()) == 2 * images
-    encode = ImageEncoder(transform, 32, frozen=open_frozen_cache(pipe, 32, loaded, folder))
+    encode = ImageEncoder(transform, 32, frozen=open_frozen_cache(pipe, loaded, folder, fingerprint))
     sample = loaded[0].to_sample(0, next(iter(loaded[0].records(use_sample=True)))[1], use_sample=True)
     got = encode(sample)
     assert set(got) == {"visual_tokens", "latent_moments"}

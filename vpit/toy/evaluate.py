@@ -510,16 +510,17 @@ def evaluate_toy(
         pipe.decoder.set_progress_bar_config(disable=True)  # the evaluation's own bars count the images
     understanding = evaluate_understanding(pipe, settings, progress)
     generation, examples = evaluate_generation(pipe, settings, progress)
-    modes = {"plain": {split: generation[split] for split in ("in_distribution", "held_out")}}
-    if "tokens" in generation:
-        modes["plain"]["tokens"] = {split: generation["tokens"][split] for split in ("in_distribution", "held_out")}
+
+    def summary(result: dict[str, Any]) -> dict[str, Any]:
+        """A mode's two splits, decoded and (whether a miss is the language model's or the decoder's) in token space."""
+        splits = ("in_distribution", "held_out")
+        tokens = {"tokens": {split: result["tokens"][split] for split in splits}} if "tokens" in result else {}
+        return {split: result[split] for split in splits} | tokens
+
+    modes = {"plain": summary(generation)}
     for mode in settings.modes:
         result, _ = evaluate_generation(pipe, settings, progress, mode=mode, repeats=1)
-        modes[mode] = {split: result[split] for split in ("in_distribution", "held_out")} | {
-            "no_image": result["no_image"]
-        }
-        if "tokens" in result:  # whether a miss is the language model's (tokens) or the decoder's (pixels)
-            modes[mode]["tokens"] = {split: result["tokens"][split] for split in ("in_distribution", "held_out")}
+        modes[mode] = summary(result) | {"no_image": result["no_image"]}
     generation["modes"] = modes
     editing = evaluate_editing(pipe, settings, progress) if settings.edits else None
     reconstruction, pairs = evaluate_reconstruction(pipe, settings, progress)

@@ -286,11 +286,14 @@ def build_batches(
     return loader
 
 
+# What a decoder sample carries per image: pixels for the encoder and the decoder, or the frozen parts' cached
+# outputs in their place; and, when trained on predictions, the predicted tokens and which images have one.
+IMAGE_BATCH_KEYS = ("encoder_pixels", "images", "visual_tokens", "latent_moments", "predicted_tokens", "has_prediction")
+
+
 def _concat_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Image batches for the decoder: every image of every sample, concatenated: as pixels or as the frozen parts'
-    cached outputs (and, when the samples carry them, their predicted tokens and which images have one)."""
-    keys = ("encoder_pixels", "images", "visual_tokens", "latent_moments", "predicted_tokens", "has_prediction")
-    batch: dict[str, Any] = {key: torch.cat([s[key] for s in samples]) for key in keys if key in samples[0]}
+    """Image batches for the decoder: every image of every sample, concatenated, per IMAGE_BATCH_KEYS."""
+    batch: dict[str, Any] = {key: torch.cat([s[key] for s in samples]) for key in IMAGE_BATCH_KEYS if key in samples[0]}
     images = "images" if "images" in batch else "latent_moments"
     return batch | {"num_samples": len(batch[images]), "num_skipped": 0}
 
@@ -321,6 +324,7 @@ def build_image_batches(
 
 
 __all__ = [
+    "IMAGE_BATCH_KEYS",
     "build_accelerator",
     "build_batches",
     "build_image_batches",

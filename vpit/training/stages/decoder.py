@@ -36,7 +36,7 @@ from ...model.configuration_vpit import VPiTConfig, VPiTVisionConfig
 from ...model.modeling_vpit import VPiTForCausalLM
 from ...toy.decoder import toy_decoder_components
 from ..checkpoint import resume
-from ..components import build_accelerator, build_image_batches, build_scheduler
+from ..components import IMAGE_BATCH_KEYS, build_accelerator, build_image_batches, build_scheduler
 from ..config import DecoderRecipe, check_against_config
 from ..diffusion import (
     EMACheckpoint,
@@ -256,14 +256,15 @@ def write_frozen_cache(
     resolution: int,
     cards: list[DataCard],
     folder: Path,
+    fingerprint: str,
     use_sample: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Every image of `cards` through the frozen vision encoder ((K, Dv) tokens) and the VAE ((2C, h, w) posterior
     moments), into FOLDER/<card>/tokens and FOLDER/<card>/moments (`vpit.data.features.cache_features`: safetensors
-    keyed by image, resumable, bad images in skipped.jsonl). Returns the counts per card and part."""
+    keyed by image, resumable, bad images in skipped.jsonl), under `frozen_fingerprint(pipeline, resolution)`.
+    Returns the counts per card and part."""
     if pipeline.vision_encoder is None:
         raise ValueError("decoder.cache_frozen needs the pipeline's vision encoder")
-    fingerprint = frozen_fingerprint(pipeline, resolution)
     encoder, vae = pipeline.vision_encoder, pipeline.vae
     parts: dict[str, tuple[Any, Any]] = {
         "tokens": (lambda pixels: encoder(pixels.to(encoder.device)), encoder_transform)
@@ -290,18 +291,16 @@ def write_frozen_cache(
 
 
 def open_frozen_cache(
-    pipeline: VPiTDecoderPipeline, resolution: int, cards: list[DataCard], folder: Path
+    pipeline: VPiTDecoderPipeline, cards: list[DataCard], folder: Path, fingerprint: str
 ) -> dict[str, dict[str, FeatureCache]]:
-    """{card name: {part: its cache}} of `write_frozen_cache`'s folder, checked against this pipeline's encoder and
-    VAE."""
-    fingerprint = frozen_fingerprint(pipeline, resolution)
+    """{card name: {part: its cache}} of `write_frozen_cache`'s folder, checked against `fingerprint` (this
+    pipeline's `frozen_fingerprint`)."""
     parts = ("tokens", "moments") if pipeline.vae is not None else ("tokens",)
     return {card.name: {part: FeatureCache(folder / card.name / part, fingerprint) for part in parts} for card in cards}
 
 
 PREDICTIONS_FILE = "predicted_tokens.safetensors"
 FROZEN_CACHE = "frozen_cache"
-BATCH_INPUTS = ("encoder_pixels", "images", "visual_tokens", "latent_moments", "predicted_tokens", "has_prediction")
 
 
 def _write_predictions(recipe: DecoderRecipe, run_dir: Path) -> None:
@@ -372,17 +371,19 @@ def run(recipe: DecoderRecipe) -> Path:
     if settings.cache_frozen:
         folder = Path(settings.frozen_cache_dir or run_dir / FROZEN_CACHE)
         cards = [entry.load() for entry in parse_mixture(recipe.data.mixture)]
+        fingerprint = frozen_fingerprint(pipeline, resolution)  # hashes the frozen weights: once per run
         if accelerator.is_main_process:
             started = time.perf_counter()
+            transform = pipeline.vision_encoder.image_transform()
             counts = write_frozen_cache(
-                pipeline, pipeline.vision_encoder.image_transform(), resolution, cards, folder, recipe.data.use_sample
+                pipeline, transform, resolution, cards, folder, fingerprint, recipe.data.use_sample
             )
             tokens = [c for part, c in counts.items() if part.endswith("/tokens")]  # one per image
             encoded, skipped = (sum(c[key] for c in tokens) for key in ("encoded", "skipped"))
             print(f"[vpit] decoder: frozen cache in {folder}: {encoded} images encoded now "
                   f"({time.perf_counter() - started:.0f} s), {skipped} skipped (skipped.jsonl)")  # fmt: skip
         accelerator.wait_for_everyone()
-        frozen = open_frozen_cache(pipeline, resolution, cards, folder)
+        frozen = open_frozen_cache(pipeline, cards, folder, fingerprint)
     encode = ImageEncoder(pipeline.vision_encoder.image_transform(), resolution, predicted, frozen)
     loader = build_image_batches(recipe.data, encode, rank, world, run_dir, start_batch=state.next_batch)
     params = unet_params + projector_params
@@ -391,7 +392,7 @@ def run(recipe: DecoderRecipe) -> Path:
         # Noise, timesteps and dropout are drawn from (seed, step, rank): a resumed run draws the same ones.
         generator = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step * 1009 + rank)
         device = accelerator.device
-        inputs = {key: batch[key].to(device) for key in BATCH_INPUTS if key in batch}
+        inputs = {key: batch[key].to(device) for key in IMAGE_BATCH_KEYS if key in batch}
         out = model(inputs.pop("encoder_pixels", None), inputs.pop("images", None), generator, **inputs)
         return out.loss, {"loss": out.loss, "mse": out.mse}
 
